@@ -1,0 +1,159 @@
+"""Loading and saving ClusterViG checkpoints, with errors that explain mismatches."""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .model import ClusterViG
+
+PathLike = Union[str, Path]
+_WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "model_ema", "net")
+_PREFIXES = ("module.", "_orig_mod.", "model.")
+_MAX_LISTED = 25
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+def read_checkpoint(path: PathLike) -> Dict[str, Any]:
+    """Read a checkpoint file into a dict; clear errors for missing/corrupt files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (check the path)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise CheckpointError(
+            f"checkpoint {path} could not be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "is it a complete PyTorch .pth/.pt file? Re-download or re-save it with torch.save"
+        ) from None
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state_dict or dict")
+    return dict(obj)
+
+
+def extract_state_dict(obj: Mapping[str, Any]) -> Dict[str, Tensor]:
+    """Unwrap ``{"model": ...}`` / ``{"state_dict": ...}`` and strip DDP/compile prefixes."""
+    for key in _WRAPPER_KEYS:
+        if key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    sd = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    if not sd:
+        raise CheckpointError("checkpoint contains no tensors (expected a state_dict)")
+    for prefix in _PREFIXES:
+        if all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def _fmt(keys) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
+    return ", ".join(keys[:_MAX_LISTED]) + more
+
+
+def load_state_dict(model: ClusterViG, sd: Mapping[str, Tensor], source: str = "checkpoint") -> None:
+    """Load ``sd`` into ``model`` strictly, adapting only the distillation head.
+
+    A checkpoint without ``dist_head.*`` drops the model's distillation head
+    (logits = class head); one with it adds the head to a model built
+    without it (logits = mean of both heads, as the model was trained).
+    """
+    sd = dict(sd)
+    has_dist = any(k.startswith("dist_head.") for k in sd)
+    if model.dist_head is not None and not has_dist:
+        model.remove_distillation_head()
+    elif model.dist_head is None and has_dist:
+        w = sd["dist_head.weight"]
+        model.dist_head = nn.Conv2d(w.shape[1], w.shape[0], 1, bias="dist_head.bias" in sd)
+        model.cfg = replace(model.cfg, distillation=True)
+    own = model.state_dict()
+    # BN's num_batches_tracked is bookkeeping, absent from some exports
+    optional = {k for k in own if k.endswith("num_batches_tracked")}
+    missing = set(own) - set(sd) - optional
+    unexpected = set(sd) - set(own)
+    wrong = {k for k in set(own) & set(sd) if own[k].shape != sd[k].shape}
+    if missing or unexpected or wrong:
+        lines = [f"{source} does not match {model.cfg.name} (dim={model.cfg.dim}, depth={model.cfg.depth}, "
+                 f"gcn={model.cfg.gcn}, num_classes={model.cfg.num_classes}):"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {_fmt(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {_fmt(unexpected)}")
+        if wrong:
+            lines.append("  shape mismatches: " + _fmt(f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong))
+        hint = _hint(model, sd)
+        if hint:
+            lines.append("  hint: " + hint)
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(sd, strict=False)
+
+
+def _hint(model: ClusterViG, sd: Mapping[str, Tensor]) -> Optional[str]:
+    w = sd.get("head.weight")
+    if w is not None and w.shape[0] != model.cfg.num_classes:
+        return f"the checkpoint has {w.shape[0]} classes: pass num_classes={w.shape[0]}"
+    pe = sd.get("pos_embed")
+    if pe is not None and pe.ndim == 4 and (pe.shape[1] != model.cfg.dim or pe.shape[2] != model.cfg.grid):
+        return f"the checkpoint has dim={pe.shape[1]}, grid={pe.shape[2]}: choose the matching variant"
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    if depth and depth != model.cfg.depth:
+        return f"the checkpoint has {depth} blocks, the model {model.cfg.depth}: choose the matching variant"
+    if any(".degc.local." in k for k in sd) and not any(k.startswith("blocks.0.grapher.degc.local.") for k in model.state_dict()):
+        return "the local-update (gcn) type differs"
+    return None
+
+
+def load_checkpoint(model: ClusterViG, path: PathLike) -> Dict[str, Any]:
+    """Load a checkpoint file into ``model``; returns the file's other entries (metadata)."""
+    obj = read_checkpoint(path)
+    load_state_dict(model, extract_state_dict(obj), source=f"checkpoint {path}")
+    return {k: v for k, v in obj.items() if not isinstance(v, (Mapping, Tensor)) or k in ("config", "metrics")}
+
+
+def save_checkpoint(model: ClusterViG, path: PathLike, **meta: Any) -> Path:
+    """Write ``{"model": state_dict, "config": cfg, **meta}`` atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"model": model.state_dict(), "config": model.cfg.to_dict(), **meta}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def model_from_checkpoint(path: PathLike, form: str = "static", **overrides: Any) -> ClusterViG:
+    """Build the model recorded in a checkpoint saved by :func:`save_checkpoint` and load it."""
+    from .registry import create_model
+
+    obj = read_checkpoint(path)
+    cfg = obj.get("config")
+    if not isinstance(cfg, Mapping) or "name" not in cfg:
+        raise CheckpointError(
+            f"checkpoint {path} records no model config; name the variant explicitly (e.g. --model cvig_ti)"
+        )
+    cfg = dict(cfg)
+    name = cfg.pop("name")
+    cfg.update(form=form, **overrides)
+    for key in ("mean", "std"):
+        if key in cfg:
+            cfg[key] = tuple(cfg[key])
+    num_classes = cfg.pop("num_classes", 1000)
+    gcn = cfg.pop("gcn", "mr")
+    form = cfg.pop("form")
+    model = create_model(name, num_classes=num_classes, gcn=gcn, form=form, **cfg)
+    load_state_dict(model, extract_state_dict(obj), source=f"checkpoint {path}")
+    return model

@@ -1,0 +1,312 @@
+"""Graph construction of DEGC: k-means partitioning and partitioned k-NN.
+
+Implements DESIGN.md section 2 (steps 1-4) and section 3 (the two forms).
+Every function here is a plain tensor function; the small ``nn.Module``
+wrappers at the bottom exist only so that an ONNX export gives each piece a
+stable, readable scope (``blocks.3.grapher.degc/kmeans/...``) that graph
+surgery can find by name.
+
+Conventions shared with the ONNX graph and the plugins:
+
+* tokens are ``[B, N, C]``; labels and neighbour indices are integer tensors
+  (int64 in PyTorch, int32 in the plugin graph);
+* neighbour slot 0 is always the token itself; a partition smaller than K
+  fills the missing slots with the token's own index and marks them invalid;
+* ties in similarity go to the lower token index, ties in k-means distance to
+  the lower cluster index.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+# Cross-partition similarities are replaced by -MASK_VALUE before TopK; self
+# similarity by +SELF_VALUE so that self is always the first neighbour even
+# when another token is an exact duplicate. Both are representable in FP16
+# (max 65504) and far outside the cosine range [-1, 1].
+MASK_VALUE = 1.0e4
+SELF_VALUE = 1.0e2
+NORM_EPS = 1e-12
+
+
+def l2_normalize(x: Tensor) -> Tensor:
+    """Xn = X / max(||X||_2, 1e-12) per token (last axis)."""
+    return x / x.norm(p=2, dim=-1, keepdim=True).clamp_min(NORM_EPS)
+
+
+def kmeans_init_indices(n: int, k: int) -> List[int]:
+    """Deterministic initial centroid indices ``(2i+1)*N // (2k)``."""
+    return [(2 * i + 1) * n // (2 * k) for i in range(k)]
+
+
+def kmeans_assign(xn: Tensor, centroids: Tensor) -> Tensor:
+    """label(v) = argmin_j ||c_j||^2 - 2 xn_v . c_j (first minimum wins)."""
+    c_sq = (centroids * centroids).sum(-1).unsqueeze(1)  # [B, 1, k]
+    dist = c_sq - 2.0 * torch.matmul(xn, centroids.transpose(1, 2))  # [B, N, k]
+    return dist.argmin(dim=-1)
+
+
+def one_hot(labels: Tensor, k: int, dtype: torch.dtype) -> Tensor:
+    """[B, N] integer labels -> [B, N, k] one-hot in ``dtype`` (Equal + Cast in ONNX)."""
+    classes = torch.arange(k, device=labels.device, dtype=labels.dtype)
+    return (labels.unsqueeze(-1) == classes).to(dtype)
+
+
+def kmeans(xn: Tensor, k: int, iters: int) -> Tensor:
+    """Batched Lloyd k-means on normalised tokens, exactly T iterations.
+
+    Returns the labels ``[B, N]`` of the assignment after the last update
+    (T updates, T+1 assignments). Empty clusters keep their centroid.
+    """
+    n = xn.shape[1]
+    idx = torch.tensor(kmeans_init_indices(n, k), device=xn.device)
+    centroids = xn.index_select(1, idx)
+    for _ in range(iters):
+        labels = kmeans_assign(xn, centroids)
+        onehot = one_hot(labels, k, xn.dtype)  # [B, N, k]
+        counts = onehot.sum(dim=1).unsqueeze(-1)  # [B, k, 1]
+        sums = torch.matmul(onehot.transpose(1, 2), xn)  # [B, k, C]
+        centroids = torch.where(counts > 0, sums / counts.clamp_min(1.0), centroids)
+    return kmeans_assign(xn, centroids)
+
+
+def segment_mean(x: Tensor, labels: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """Per-partition mean of ``x`` [B, N, C] as a one-hot matmul.
+
+    Returns ``(z [B, k, C], counts [B, k])``; an empty partition has z = 0.
+    """
+    onehot = one_hot(labels, k, x.dtype)
+    counts = onehot.sum(dim=1)
+    sums = torch.matmul(onehot.transpose(1, 2), x)
+    return sums / counts.clamp_min(1.0).unsqueeze(-1), counts
+
+
+# --------------------------------------------------------------------------
+# Partitioned k-NN, three implementations of one contract:
+#   returns (idx [B, N, K] int64, valid [B, N, K] bool)
+# --------------------------------------------------------------------------
+
+
+def knn_masked(xn: Tensor, labels: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """Static form: full similarity, cross-partition entries masked, TopK(K).
+
+    Slots whose value is the mask sentinel (partition smaller than K) are
+    replaced by the token's own index and marked invalid.
+    """
+    b, n, _ = xn.shape
+    k = min(k, n)
+    sim = torch.matmul(xn, xn.transpose(1, 2))  # [B, N, N]
+    same = labels.unsqueeze(2) == labels.unsqueeze(1)
+    eye = torch.eye(n, dtype=torch.bool, device=xn.device).unsqueeze(0)
+    sim = torch.where(same, sim, torch.full_like(sim, -MASK_VALUE))
+    sim = torch.where(eye, torch.full_like(sim, SELF_VALUE), sim)
+    values, idx = torch.topk(sim, k, dim=-1, largest=True, sorted=True)
+    valid = values > -0.5 * MASK_VALUE
+    self_idx = torch.arange(n, device=xn.device).view(1, n, 1).expand(b, n, k)
+    idx = torch.where(valid, idx, self_idx)
+    return idx, valid
+
+
+def partition_layout(labels: Tensor, k: int, capacity: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Place tokens into a padded ``[B, k, P]`` layout, in token order.
+
+    Returns ``(slot_token [B, k*P], slot_valid [B, k*P], token_slot [B, N],
+    overflow [B, N])``: the token index held by each slot (0 for padding),
+    whether the slot holds a token, the slot of each token (0 for overflow
+    tokens), and which tokens did not fit because their partition has more
+    than ``capacity`` members. Overflow rule (deterministic): a partition keeps
+    its ``capacity`` lowest-index members; the rest are overflow tokens.
+    """
+    b, n = labels.shape
+    ar = torch.arange(n, device=labels.device)
+    # Stable order by (label, token index); keys are distinct, so any sort works.
+    key = labels * n + ar
+    order = torch.argsort(key, dim=1)  # sorted position -> token
+    onehot = one_hot(labels, k, torch.int64)
+    counts = onehot.sum(dim=1)  # [B, k]
+    starts = torch.cumsum(counts, dim=1) - counts  # exclusive prefix sum
+    slot = torch.arange(capacity, device=labels.device)
+    pos = starts.unsqueeze(-1) + slot  # [B, k, P] sorted position of each slot
+    slot_valid = slot < counts.unsqueeze(-1)
+    pos = torch.where(slot_valid, pos, torch.zeros_like(pos)).reshape(b, k * capacity)
+    slot_token = torch.gather(order, 1, pos)
+    # rank of each token inside its partition: its sorted position minus the start
+    inv = torch.argsort(order, dim=1)  # token -> sorted position
+    rank = inv - torch.gather(starts, 1, labels)
+    overflow = rank >= capacity
+    token_slot = torch.where(overflow, torch.zeros_like(rank), labels * capacity + rank)
+    return slot_token, slot_valid.reshape(b, k * capacity), token_slot, overflow
+
+
+def knn_padded(
+    xn: Tensor, labels: Tensor, k: int, clusters: int, capacity: int
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Static form for large N: k-NN inside padded partitions of capacity P.
+
+    Cost is O(kappa * P^2 * C) instead of O(N^2 * C). Returns
+    ``(idx, valid, overflow)``; an overflow token (see :func:`partition_layout`)
+    has only itself as neighbour and is nobody's neighbour.
+    """
+    b, n, c = xn.shape
+    p = capacity
+    kk = min(k, p)
+    slot_token, slot_valid, tok_slot, overflow = partition_layout(labels, clusters, p)
+    xp = torch.gather(xn, 1, slot_token.unsqueeze(-1).expand(b, clusters * p, c))
+    xp = xp.reshape(b, clusters, p, c)
+    sim = torch.matmul(xp, xp.transpose(2, 3))  # [B, k, P, P]
+    col_valid = slot_valid.reshape(b, clusters, 1, p)
+    eye = torch.eye(p, dtype=torch.bool, device=xn.device).view(1, 1, p, p)
+    sim = torch.where(col_valid, sim, torch.full_like(sim, -MASK_VALUE))
+    sim = torch.where(eye, torch.full_like(sim, SELF_VALUE), sim)
+    values, local = torch.topk(sim, kk, dim=-1, largest=True, sorted=True)  # [B, k, P, kk]
+    valid_slot = values > -0.5 * MASK_VALUE
+    # slot-local neighbour -> global token index
+    base = (torch.arange(clusters, device=xn.device) * p).view(1, clusters, 1, 1)
+    glob = torch.gather(slot_token, 1, (local + base).reshape(b, -1)).reshape(b, clusters * p, kk)
+    valid_slot = valid_slot.reshape(b, clusters * p, kk)
+    # back to token order: token -> its slot (overflow tokens read slot 0, then self-fill)
+    idx = torch.gather(glob, 1, tok_slot.unsqueeze(-1).expand(b, n, kk))
+    valid = torch.gather(valid_slot, 1, tok_slot.unsqueeze(-1).expand(b, n, kk))
+    valid = valid & ~overflow.unsqueeze(-1)
+    self_idx = torch.arange(n, device=xn.device).view(1, n, 1).expand(b, n, kk)
+    idx = torch.where(valid, idx, self_idx)
+    if kk < k:  # capacity below K: pad the remaining slots with self, invalid
+        pad = k - kk
+        idx = torch.cat([idx, self_idx[..., :1].expand(b, n, pad)], dim=-1)
+        valid = torch.cat([valid, torch.zeros_like(valid[..., :1]).expand(b, n, pad)], dim=-1)
+    return idx, valid, overflow
+
+
+def knn_reference(xn: Tensor, labels: Tensor, k: int) -> List[Tuple[int, Tensor, Tensor]]:
+    """Reference form (paper Algorithm 2): per image, per partition k-NN.
+
+    Returns one ``(image, members, neighbours)`` triple per non-empty
+    partition: ``members`` [P] ascending token indices, ``neighbours``
+    [P, K_p] with K_p = min(K, P): self first, then decreasing similarity,
+    ties to the lower token index.
+    """
+    parts = []
+    for bi in range(xn.shape[0]):
+        for members in partitions_of(labels[bi]):
+            xp = xn[bi, members]
+            sim = xp @ xp.t()
+            sim.fill_diagonal_(math.inf)
+            kv = min(k, members.numel())
+            # stable sort on descending similarity: equal values keep index order
+            order = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :kv]
+            parts.append((bi, members, members[order]))
+    return parts
+
+
+def parts_to_dense(parts: List[Tuple[int, Tensor, Tensor]], b: int, n: int, k: int) -> Tuple[Tensor, Tensor]:
+    """Reference neighbour lists -> the static ``(idx, valid)`` contract."""
+    idx = torch.arange(n).view(1, n, 1).repeat(b, 1, k)
+    valid = torch.zeros(b, n, k, dtype=torch.bool)
+    for bi, members, nb in parts:
+        kv = nb.shape[1]
+        idx[bi, members, :kv] = nb.to(idx.device)
+        valid[bi, members, :kv] = True
+    return idx, valid
+
+
+def partitions_of(labels_1d: Tensor) -> List[Tensor]:
+    """Member indices (ascending) of every non-empty partition of one image."""
+    return [torch.nonzero(labels_1d == j).flatten() for j in torch.unique(labels_1d).tolist()]
+
+
+# --------------------------------------------------------------------------
+# Scoped modules (no parameters): stable ONNX names for graph surgery.
+# --------------------------------------------------------------------------
+
+
+class Normalize(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return l2_normalize(x)
+
+
+class KMeans(nn.Module):
+    """k-means partitioning (DESIGN.md 2.2). No parameters."""
+
+    def __init__(self, clusters: int, iters: int) -> None:
+        super().__init__()
+        self.clusters = clusters
+        self.iters = iters
+
+    def forward(self, xn: Tensor) -> Tensor:
+        return kmeans(xn, self.clusters, self.iters)
+
+    def extra_repr(self) -> str:
+        return f"clusters={self.clusters}, iters={self.iters}"
+
+
+class PartitionedKNN(nn.Module):
+    """Partitioned k-NN (DESIGN.md 2.3) in the static masked or padded layout."""
+
+    def __init__(self, k: int, clusters: int, mode: str = "masked", capacity: Optional[int] = None) -> None:
+        super().__init__()
+        if mode not in ("masked", "padded"):
+            raise ValueError(f"knn mode must be 'masked' or 'padded', got {mode!r}")
+        self.k = k
+        self.clusters = clusters
+        self.mode = mode
+        self.capacity = capacity
+        # number of overflow tokens seen in the last forward (padded mode only)
+        self.last_overflow = 0
+
+    def forward(self, xn: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
+        if self.mode == "masked":
+            return knn_masked(xn, labels, self.k)
+        cap = self.capacity or xn.shape[1]
+        idx, valid, overflow = knn_padded(xn, labels, self.k, self.clusters, cap)
+        if not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
+            self.last_overflow = int(overflow.sum())
+        return idx, valid
+
+    def extra_repr(self) -> str:
+        cap = f", capacity={self.capacity}" if self.mode == "padded" else ""
+        return f"k={self.k}, mode={self.mode}{cap}"
+
+
+class SegmentMean(nn.Module):
+    """Centroid features z_j = mean of X over partition j (DESIGN.md 2.4)."""
+
+    def __init__(self, clusters: int) -> None:
+        super().__init__()
+        self.clusters = clusters
+
+    def forward(self, x: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
+        return segment_mean(x, labels, self.clusters)
+
+
+def gather_neighbors(x: Tensor, idx: Tensor) -> Tensor:
+    """x [B, N, C], idx [B, N, K] -> x_u [B, N, K, C]."""
+    b, n, c = x.shape
+    k = idx.shape[-1]
+    flat = idx.reshape(b, n * k, 1).expand(b, n * k, c)
+    return torch.gather(x, 1, flat).reshape(b, n, k, c)
+
+
+__all__ = [
+    "MASK_VALUE",
+    "SELF_VALUE",
+    "l2_normalize",
+    "kmeans",
+    "kmeans_assign",
+    "kmeans_init_indices",
+    "one_hot",
+    "segment_mean",
+    "knn_masked",
+    "knn_padded",
+    "knn_reference",
+    "parts_to_dense",
+    "partition_layout",
+    "partitions_of",
+    "gather_neighbors",
+    "KMeans",
+    "PartitionedKNN",
+    "SegmentMean",
+    "Normalize",
+]

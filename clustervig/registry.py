@@ -1,0 +1,88 @@
+"""Named ClusterViG variants and ``create_model`` (timm-style registry)."""
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+from .model import ClusterViG, ClusterViGConfig
+
+# Table III of the paper (and DESIGN.md section 2). cvig_nano is ours: small
+# enough for tests and demos on a 2-core CPU, same structure otherwise.
+_VARIANTS: Dict[str, ClusterViGConfig] = {
+    "cvig_ti": ClusterViGConfig(name="cvig_ti", dim=192, depth=12, grid=14, clusters=4, groups=1),
+    "cvig_s": ClusterViGConfig(name="cvig_s", dim=320, depth=16, grid=14, clusters=4, groups=4),
+    "cvig_b": ClusterViGConfig(name="cvig_b", dim=640, depth=16, grid=14, clusters=4, groups=4),
+    "cvig_b_hr": ClusterViGConfig(name="cvig_b_hr", dim=640, depth=16, grid=28, clusters=6, groups=4),
+    "cvig_nano": ClusterViGConfig(
+        name="cvig_nano", dim=32, depth=3, grid=14, clusters=4, groups=1, head_dim=64, k_min=9, k_max=18
+    ),
+}
+
+# Figures the paper reports (Table III): params in M, GMACs without the G-GCN MLP.
+PAPER_TABLE3 = {
+    "cvig_ti": {"params_m": 11.5, "gmacs": 1.3},
+    "cvig_s": {"params_m": 28.2, "gmacs": 4.2},
+    "cvig_b": {"params_m": 104.8, "gmacs": 16.2},
+    "cvig_b_hr": {"params_m": 105.2, "gmacs": 62.3},
+}
+
+
+def list_models() -> List[str]:
+    """Names accepted by :func:`create_model`."""
+    return sorted(_VARIANTS)
+
+
+def get_config(name: str, **overrides) -> ClusterViGConfig:
+    """The variant's config with ``overrides`` applied (unknown keys are errors)."""
+    if name not in _VARIANTS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    known = {f.name for f in fields(ClusterViGConfig)} - {"name"}
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise ValueError(f"unknown option(s) {bad} for {name}; valid: {sorted(known)}")
+    if "class_names" in overrides and overrides["class_names"] is not None:
+        overrides["class_names"] = tuple(overrides["class_names"])
+    cfg = replace(_VARIANTS[name], **overrides)
+    cfg.validate()
+    return cfg
+
+
+def create_model(
+    name: str,
+    pretrained: Optional[Union[str, Path, bool]] = None,
+    num_classes: int = 1000,
+    gcn: str = "mr",
+    form: str = "static",
+    **overrides,
+) -> ClusterViG:
+    """Build a ClusterViG variant.
+
+    Args:
+        name: one of :func:`list_models` (``cvig_ti``, ``cvig_s``, ``cvig_b``,
+            ``cvig_b_hr``, ``cvig_nano``).
+        pretrained: path to a checkpoint to load (plain state_dict,
+            ``{"model": ...}`` or ``{"state_dict": ...}``, DDP ``module.``
+            prefixes, with or without the distillation head). No weights are
+            downloaded: pass a local file.
+        num_classes: classifier outputs.
+        gcn: local update: ``mr`` (G-MRGCN, default), ``edge``, ``sage``, ``gin``.
+        form: ``static`` (exportable, fixed shapes) or ``reference``.
+        **overrides: any :class:`ClusterViGConfig` field, e.g. ``knn="padded"``,
+            ``capacity=64``, ``kmeans_iters=10``, ``drop_path=0.1``.
+
+    Example:
+        >>> model = create_model("cvig_ti", num_classes=10).eval()
+    """
+    if pretrained is True:
+        raise ValueError(
+            "pretrained=True: no ClusterViG weights can be downloaded by this package; "
+            "pass the path of a local checkpoint instead"
+        )
+    cfg = get_config(name, num_classes=num_classes, gcn=gcn, form=form, **overrides)
+    model = ClusterViG(cfg)
+    if pretrained:
+        from .checkpoint import load_checkpoint
+
+        load_checkpoint(model, pretrained)
+    return model
