@@ -1,0 +1,1 @@
+"""INT8 calibration of ClusterViG ONNX graphs."""

@@ -1,0 +1,1 @@
+"""Runtimes (ONNX Runtime, TensorRT) for exported ClusterViG models."""
