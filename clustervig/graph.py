@@ -84,6 +84,19 @@ def segment_mean(x: Tensor, labels: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     return sums / counts.clamp_min(1.0).unsqueeze(-1), counts
 
 
+def topk_desc(values: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """Largest ``k`` along the last axis, equal values ordered by lower index.
+
+    ONNX TopK defines exactly this tie rule, so the exported graph uses TopK;
+    ``torch.topk`` on CPU does not promise it, so eager mode takes a stable
+    sort (N log N on rows of at most a few thousand: cheap).
+    """
+    if torch.onnx.is_in_onnx_export():
+        return torch.topk(values, k, dim=-1, largest=True, sorted=True)
+    v, i = torch.sort(values, dim=-1, descending=True, stable=True)
+    return v[..., :k], i[..., :k]
+
+
 # --------------------------------------------------------------------------
 # Partitioned k-NN, three implementations of one contract:
 #   returns (idx [B, N, K] int64, valid [B, N, K] bool)
@@ -103,7 +116,7 @@ def knn_masked(xn: Tensor, labels: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     eye = torch.eye(n, dtype=torch.bool, device=xn.device).unsqueeze(0)
     sim = torch.where(same, sim, torch.full_like(sim, -MASK_VALUE))
     sim = torch.where(eye, torch.full_like(sim, SELF_VALUE), sim)
-    values, idx = torch.topk(sim, k, dim=-1, largest=True, sorted=True)
+    values, idx = topk_desc(sim, k)
     valid = values > -0.5 * MASK_VALUE
     self_idx = torch.arange(n, device=xn.device).view(1, n, 1).expand(b, n, k)
     idx = torch.where(valid, idx, self_idx)
@@ -161,7 +174,7 @@ def knn_padded(
     eye = torch.eye(p, dtype=torch.bool, device=xn.device).view(1, 1, p, p)
     sim = torch.where(col_valid, sim, torch.full_like(sim, -MASK_VALUE))
     sim = torch.where(eye, torch.full_like(sim, SELF_VALUE), sim)
-    values, local = torch.topk(sim, kk, dim=-1, largest=True, sorted=True)  # [B, k, P, kk]
+    values, local = topk_desc(sim, kk)  # [B, k, P, kk]
     valid_slot = values > -0.5 * MASK_VALUE
     # slot-local neighbour -> global token index
     base = (torch.arange(clusters, device=xn.device) * p).view(1, clusters, 1, 1)
@@ -170,9 +183,11 @@ def knn_padded(
     # back to token order: token -> its slot (overflow tokens read slot 0, then self-fill)
     idx = torch.gather(glob, 1, tok_slot.unsqueeze(-1).expand(b, n, kk))
     valid = torch.gather(valid_slot, 1, tok_slot.unsqueeze(-1).expand(b, n, kk))
-    valid = valid & ~overflow.unsqueeze(-1)
     self_idx = torch.arange(n, device=xn.device).view(1, n, 1).expand(b, n, kk)
-    idx = torch.where(valid, idx, self_idx)
+    idx = torch.where(valid & ~overflow.unsqueeze(-1), idx, self_idx)
+    # an overflow token keeps exactly one valid neighbour: itself in slot 0
+    first = torch.arange(kk, device=xn.device).view(1, 1, kk) == 0
+    valid = torch.where(overflow.unsqueeze(-1), first, valid)
     if kk < k:  # capacity below K: pad the remaining slots with self, invalid
         pad = k - kk
         idx = torch.cat([idx, self_idx[..., :1].expand(b, n, pad)], dim=-1)
@@ -305,6 +320,7 @@ __all__ = [
     "partition_layout",
     "partitions_of",
     "gather_neighbors",
+    "topk_desc",
     "KMeans",
     "PartitionedKNN",
     "SegmentMean",

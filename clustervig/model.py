@@ -65,7 +65,7 @@ class ClusterViGConfig:
     @property
     def neighbors(self) -> List[int]:
         """K per block: int() of a float32 linspace from k_min to k_max (authors' rule)."""
-        return [int(v) for v in torch.linspace(self.k_min, self.k_max, self.depth).tolist()]
+        return [int(v) for v in torch.linspace(self.k_min, self.k_max, self.depth, device="cpu").tolist()]
 
     @property
     def knn_mode(self) -> str:
@@ -246,7 +246,7 @@ class ClusterViG(nn.Module):
         self.cfg = cfg
         self.stem = Stem(cfg.dim, cfg.img_size, cfg.grid, cfg.stem_layers)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.dim, cfg.grid, cfg.grid))
-        dpr = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        dpr = torch.linspace(0, cfg.drop_path, cfg.depth, device="cpu").tolist()
         self.blocks = nn.Sequential(*[Block(cfg, k, p) for k, p in zip(cfg.neighbors, dpr)])
         self.prediction = nn.Sequential(
             nn.AdaptiveAvgPool2d(1),
