@@ -179,14 +179,17 @@ class DEGC(nn.Module):
         return self.local.forward_static(t, idx, valid, zt)
 
     def _forward_reference(self, t: Tensor, xn: Tensor, labels: Tensor) -> Tensor:
+        # Partition-wise graph construction and local update, as Algorithm 2.
+        # Centroids and the global update share the static code: k-means is
+        # chaotic in its input, so the two forms must hand identical numbers to
+        # the next block's clustering; the GATv2-over-non-empty-partitions
+        # semantics are checked separately (GATv2.forward_reference).
         parts = knn_reference(xn, labels, self.k)
+        z, counts = self.centroids(t, labels)
+        zp = self.gat(z, counts > 0)
         zt = torch.zeros_like(t)
-        for bi in range(t.shape[0]):
-            mine = [(m, nb) for b_, m, nb in parts if b_ == bi]
-            z = torch.stack([t[bi, m].mean(dim=0) for m, _ in mine])
-            zp = self.gat.forward_reference(z)
-            for j, (m, _) in enumerate(mine):
-                zt[bi, m] = zp[j]
+        for bi, members, _ in parts:
+            zt[bi, members] = zp[bi, labels[bi, members[0]]]
         return self.local.forward_reference(t, parts, zt)
 
 

@@ -9,24 +9,34 @@ from torch import Tensor, nn
 
 @torch.no_grad()
 def calibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor]) -> nn.Module:
-    """Set every BatchNorm's running statistics to the exact mean/var over ``batches``.
+    """Set every BatchNorm's running statistics from ``batches``, in eval mode.
 
     A freshly initialised network has identity BN statistics, so activations
-    grow block after block and logits reach 1e6; after this, activations are
-    normalised as in a trained network. Used to make random-weight models
-    numerically realistic for tests, demos and exports without a checkpoint.
-    The model is returned in eval mode.
+    grow block after block and logits reach 1e6. Train-mode statistics do not
+    fix that for ClusterViG: k-means is chaotic under the tiny difference
+    between batch and running statistics, partitions then differ between the
+    calibration pass and inference, and the mismatch compounds to 1e9 logits.
+    So each BN takes the exact mean/variance of the input it sees in an
+    *eval-mode* pass, in forward order (a pre-hook fills the statistics just
+    before the layer runs), which makes inference on these images exactly
+    normalised. All batches are concatenated into one pass. Used to make
+    random-weight models numerically realistic for tests, demos and exports
+    without a checkpoint. Returns the model in eval mode.
     """
+    x = torch.cat(list(batches), dim=0)
+
+    def fill(bn: nn.modules.batchnorm._BatchNorm, args) -> None:
+        inp = args[0]
+        dims = [d for d in range(inp.ndim) if d != 1]
+        bn.running_mean.copy_(inp.mean(dim=dims))
+        bn.running_var.copy_(inp.var(dim=dims, unbiased=False))
+
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, m.training) for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average = exact mean over batches
-    was_training = model.training
-    model.train()
-    for x in batches:
+    handles = [bn.register_forward_pre_hook(fill) for bn in bns]
+    model.eval()
+    try:
         model(x)
-    for m, (mom, _) in zip(bns, saved):
-        m.momentum = mom
-    model.train(was_training)
-    return model.eval()
+    finally:
+        for h in handles:
+            h.remove()
+    return model

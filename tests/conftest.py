@@ -9,23 +9,42 @@ import pytest
 import torch
 
 import clustervig
+from clustervig.graph import kmeans_init_indices
 from clustervig.utils import calibrate_batchnorm
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 
-def make_model(name: str = "cvig_nano", gcn: str = "mr", seed: int = 0, calib_batch: int = 4, **kw):
-    """A random-weight model whose BatchNorm statistics are set on random images.
+def make_model(name: str = "cvig_nano", gcn: str = "mr", seed: int = 0, calib_images=None, **kw):
+    """A random-weight model whose BatchNorm statistics are set on real inputs.
 
     Without calibration the identity BN statistics let activations grow to
-    ~1e6 and absolute tolerances become meaningless.
+    ~1e6 and absolute tolerances become meaningless. A random (untrained)
+    network only stays well scaled on the images its statistics came from, so
+    tests that compare logits pass their inputs as ``calib_images`` (the
+    statistics are frozen afterwards: the comparison itself runs in eval mode).
     """
     torch.manual_seed(seed)
     model = clustervig.create_model(name, gcn=gcn, **kw)
-    g = torch.Generator().manual_seed(seed + 1)
-    size = model.cfg.img_size
-    calibrate_batchnorm(model, [torch.randn(calib_batch, 3, size, size, generator=g)])
+    if calib_images is None:
+        calib_images = varied_images(4, model.cfg.img_size, seed + 1)
+    calibrate_batchnorm(model, [calib_images])
     return model.eval()
+
+
+def varied_images(b: int, size: int = 224, seed: int = 0) -> torch.Tensor:
+    """Images that differ in global statistics, not only in pixel noise.
+
+    Pure noise images all pool to nearly the same feature vector, so the head's
+    BatchNorm would see ~zero variance and blow up on any other input.
+    """
+    g = torch.Generator().manual_seed(seed)
+    scale = 0.5 + 1.5 * torch.rand(b, 1, 1, 1, generator=g)
+    offset = torch.randn(b, 3, 1, 1, generator=g)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    freq = 1 + 4 * torch.rand(b, 3, 1, 1, generator=g)
+    wave = torch.sin(freq * (xx + yy) * 3.14159)
+    return offset + scale * (torch.randn(b, 3, size, size, generator=g) + wave)
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +52,7 @@ def nano_model():
     return make_model("cvig_nano")
 
 
-def clustered_tokens(sizes, c: int = 16, noise: float = 0.05, seed: int = 0, dtype=torch.float64):
+def clustered_tokens(sizes, c: int = 16, noise: float = 0.05, seed: int = 0, dtype=torch.float64, anchor: bool = False):
     """Tokens forming well-separated groups of the given sizes, interleaved in token order.
 
     Returns (x [N, C], group [N]). Group g points along its own random direction.
@@ -43,6 +62,12 @@ def clustered_tokens(sizes, c: int = 16, noise: float = 0.05, seed: int = 0, dty
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
     group = np.concatenate([np.full(s, g) for g, s in enumerate(sizes)])
     rng.shuffle(group)
+    if anchor:
+        # put a member of group g at k-means' g-th initial index, so Lloyd starts
+        # with one centroid per planted group and recovers the planted sizes
+        for g, pos in enumerate(kmeans_init_indices(group.size, len(sizes))):
+            swap = int(np.flatnonzero(group == g)[0])
+            group[pos], group[swap] = group[swap], group[pos]
     x = dirs[group] + noise * rng.standard_normal((group.size, c))
     return torch.tensor(x, dtype=dtype), torch.tensor(group)
 
