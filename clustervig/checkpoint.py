@@ -107,9 +107,22 @@ def _hint(model: ClusterViG, sd: Mapping[str, Tensor]) -> Optional[str]:
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     if depth and depth != model.cfg.depth:
         return f"the checkpoint has {depth} blocks, the model {model.cfg.depth}: choose the matching variant"
-    if any(".degc.local." in k for k in sd) and not any(k.startswith("blocks.0.grapher.degc.local.") for k in model.state_dict()):
-        return "the local-update (gcn) type differs"
+    kinds = _gcn_kinds(sd)
+    if kinds and model.cfg.gcn not in kinds:
+        return f"the local-update (gcn) type differs: the checkpoint fits gcn={' or '.join(kinds)}"
     return None
+
+
+def _gcn_kinds(sd: Mapping[str, Tensor]) -> list:
+    """Which local updates a state_dict's block-0 keys fit (mr and edge share a layout)."""
+    local = {k.split(".degc.local.", 1)[1] for k in sd if k.startswith("blocks.0.grapher.degc.local.")}
+    if not local:
+        return []
+    if "eps" in local:
+        return ["gin"]
+    if any(k.startswith("nn1.") for k in local):
+        return ["sage"]
+    return ["mr", "edge"]
 
 
 def load_checkpoint(model: ClusterViG, path: PathLike) -> Dict[str, Any]:
