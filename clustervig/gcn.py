@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .graph import MASK_VALUE, gather_neighbors
+from .graph import MASK_VALUE, gather_max, gather_neighbors
 
 Part = Tuple[int, Tensor, Tensor]  # (image index, members [P], neighbours [P, K_p])
 
@@ -116,8 +116,10 @@ class GMRGCN(LocalUpdate):
         return conv_to_tokens(self.nn(tokens_to_conv(torch.cat([x, rel, zt], dim=-1))))
 
     def forward_static(self, x, idx, valid, zt):
-        # self-filled slots contribute x_v - x_v = 0, which self already gives
-        rel = (gather_neighbors(x, idx) - x.unsqueeze(2)).amax(dim=2)
+        # max_u (x_u - x_v) == max_u(x_u) - x_v bit for bit: rounding is monotonic,
+        # so subtracting after the max saves a [B, N, K, C] subtraction.
+        # Self-filled slots repeat x_v itself, which is already a neighbour.
+        rel = gather_max(x, idx) - x
         return self._update(x, rel, zt)
 
     def forward_reference(self, x, parts, zt):
@@ -194,7 +196,7 @@ class GGraphSAGE(LocalUpdate):
 
     def forward_static(self, x, idx, valid, zt):
         phi = conv_to_tokens(self.nn1(tokens_to_conv(x)))
-        return self._update(x, gather_neighbors(phi, idx).amax(dim=2), zt)
+        return self._update(x, gather_max(phi, idx), zt)
 
     def forward_reference(self, x, parts, zt):
         phi = conv_to_tokens(self.nn1(tokens_to_conv(x)))
