@@ -17,6 +17,13 @@ _VARIANTS: Dict[str, ClusterViGConfig] = {
     "cvig_nano": ClusterViGConfig(
         name="cvig_nano", dim=32, depth=3, grid=14, clusters=4, groups=1, head_dim=64, k_min=9, k_max=18
     ),
+    # A real trained model for CPU-sized work (issue: INT8 calibration and measured
+    # accuracy): scikit-learn's 8x8 handwritten digits upsampled to 32x32.
+    "cvig_digits": ClusterViGConfig(
+        name="cvig_digits", dim=64, depth=4, grid=8, img_size=32, clusters=4, groups=1, head_dim=128,
+        stem_layers=3, num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0,
+        interpolation="bilinear", class_names=tuple(str(i) for i in range(10)),
+    ),
 }
 
 # Figures the paper reports (Table III): params in M, GMACs without the G-GCN MLP.
@@ -41,9 +48,11 @@ def get_config(name: str, **overrides) -> ClusterViGConfig:
     bad = sorted(set(overrides) - known)
     if bad:
         raise ValueError(f"unknown option(s) {bad} for {name}; valid: {sorted(known)}")
-    if "class_names" in overrides and overrides["class_names"] is not None:
+    if overrides.get("class_names") is not None:
         overrides["class_names"] = tuple(overrides["class_names"])
     cfg = replace(_VARIANTS[name], **overrides)
+    if cfg.class_names is not None and len(cfg.class_names) != cfg.num_classes:
+        raise ValueError(f"{len(cfg.class_names)} class names given for {cfg.num_classes} classes")
     cfg.validate()
     return cfg
 
@@ -51,7 +60,7 @@ def get_config(name: str, **overrides) -> ClusterViGConfig:
 def create_model(
     name: str,
     pretrained: Optional[Union[str, Path, bool]] = None,
-    num_classes: int = 1000,
+    num_classes: Optional[int] = None,
     gcn: str = "mr",
     form: str = "static",
     **overrides,
@@ -65,7 +74,8 @@ def create_model(
             ``{"model": ...}`` or ``{"state_dict": ...}``, DDP ``module.``
             prefixes, with or without the distillation head). No weights are
             downloaded: pass a local file.
-        num_classes: classifier outputs.
+        num_classes: classifier outputs (default: the variant's, 1000 for the
+            ImageNet variants, 10 for ``cvig_digits``).
         gcn: local update: ``mr`` (G-MRGCN, default), ``edge``, ``sage``, ``gin``.
         form: ``static`` (exportable, fixed shapes) or ``reference``.
         **overrides: any :class:`ClusterViGConfig` field, e.g. ``knn="padded"``,
@@ -79,7 +89,12 @@ def create_model(
             "pretrained=True: no ClusterViG weights can be downloaded by this package; "
             "pass the path of a local checkpoint instead"
         )
-    cfg = get_config(name, num_classes=num_classes, gcn=gcn, form=form, **overrides)
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+        base = _VARIANTS.get(name)
+        if base is not None and base.class_names is not None and num_classes != base.num_classes:
+            overrides.setdefault("class_names", None)  # the variant's names no longer apply
+    cfg = get_config(name, gcn=gcn, form=form, **overrides)
     model = ClusterViG(cfg)
     if pretrained:
         from .checkpoint import load_checkpoint
