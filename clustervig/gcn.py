@@ -15,7 +15,7 @@ concatenation keeps the channel order written in Table II.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,11 @@ from torch import Tensor, nn
 from .graph import MASK_VALUE, gather_max, gather_neighbors
 
 Part = Tuple[int, Tensor, Tensor]  # (image index, members [P], neighbours [P, K_p])
+
+
+def with_global(parts: List[Tensor], zt: Optional[Tensor]) -> List[Tensor]:
+    """Append z' to a concatenation unless the global update is disabled (ViG baseline)."""
+    return parts + [zt] if zt is not None else parts
 
 
 def conv_mlp(cin: int, cout: int, groups: int = 1) -> nn.Sequential:
@@ -108,12 +113,12 @@ class LocalUpdate(nn.Module):
 class GMRGCN(LocalUpdate):
     """G-MRGCN: MLP([x_v, max_u (x_u - x_v), z'])."""
 
-    def __init__(self, cin: int, cout: int, groups: int = 1) -> None:
+    def __init__(self, cin: int, cout: int, groups: int = 1, use_global: bool = True) -> None:
         super().__init__()
-        self.nn = conv_mlp(3 * cin, cout, groups)
+        self.nn = conv_mlp((3 if use_global else 2) * cin, cout, groups)
 
-    def _update(self, x: Tensor, rel: Tensor, zt: Tensor) -> Tensor:
-        return conv_to_tokens(self.nn(tokens_to_conv(torch.cat([x, rel, zt], dim=-1))))
+    def _update(self, x: Tensor, rel: Tensor, zt: Optional[Tensor]) -> Tensor:
+        return conv_to_tokens(self.nn(tokens_to_conv(torch.cat(with_global([x, rel], zt), dim=-1))))
 
     def forward_static(self, x, idx, valid, zt):
         # max_u (x_u - x_v) == max_u(x_u) - x_v bit for bit: rounding is monotonic,
@@ -138,12 +143,12 @@ class GEdgeConv(LocalUpdate):
     reference forms bit-for-bit equal in eval mode.
     """
 
-    def __init__(self, cin: int, cout: int, groups: int = 1) -> None:
+    def __init__(self, cin: int, cout: int, groups: int = 1, use_global: bool = True) -> None:
         super().__init__()
-        self.nn = conv_mlp(3 * cin, cout, groups)
+        self.nn = conv_mlp((3 if use_global else 2) * cin, cout, groups)
         self.cin = cin
 
-    def _projections(self, x: Tensor, zt: Tensor) -> Tuple[Tensor, Tensor]:
+    def _projections(self, x: Tensor, zt: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         """Per-token parts of the edge pre-activation: (self part a_v, neighbour part r_u)."""
         conv = self.nn[0]
         g = conv.groups
@@ -151,8 +156,10 @@ class GEdgeConv(LocalUpdate):
         blocks = w.reshape(g, w.shape[0] // g, w.shape[1])
         dense = torch.block_diag(*blocks.unbind(0))  # [C_out, 3C]
         c = self.cin
-        w_x, w_r, w_z = dense[:, :c], dense[:, c : 2 * c], dense[:, 2 * c :]
-        a = torch.matmul(x, (w_x - w_r).t()) + torch.matmul(zt, w_z.t()) + conv.bias
+        w_x, w_r = dense[:, :c], dense[:, c : 2 * c]
+        a = torch.matmul(x, (w_x - w_r).t()) + conv.bias
+        if zt is not None:
+            a = a + torch.matmul(zt, dense[:, 2 * c :].t())
         r = torch.matmul(x, w_r.t())
         return a, r
 
@@ -186,13 +193,13 @@ class GEdgeConv(LocalUpdate):
 class GGraphSAGE(LocalUpdate):
     """G-GraphSAGE: MLP_Psi([x_v, max_u MLP_Phi(x_u), z'])."""
 
-    def __init__(self, cin: int, cout: int, groups: int = 1) -> None:
+    def __init__(self, cin: int, cout: int, groups: int = 1, use_global: bool = True) -> None:
         super().__init__()
         self.nn1 = conv_mlp(cin, cin, groups)  # Phi
-        self.nn2 = conv_mlp(3 * cin, cout, groups)  # Psi
+        self.nn2 = conv_mlp((3 if use_global else 2) * cin, cout, groups)  # Psi
 
-    def _update(self, x: Tensor, agg: Tensor, zt: Tensor) -> Tensor:
-        return conv_to_tokens(self.nn2(tokens_to_conv(torch.cat([x, agg, zt], dim=-1))))
+    def _update(self, x: Tensor, agg: Tensor, zt: Optional[Tensor]) -> Tensor:
+        return conv_to_tokens(self.nn2(tokens_to_conv(torch.cat(with_global([x, agg], zt), dim=-1))))
 
     def forward_static(self, x, idx, valid, zt):
         phi = conv_to_tokens(self.nn1(tokens_to_conv(x)))
@@ -207,14 +214,16 @@ class GGraphSAGE(LocalUpdate):
 class GGIN(LocalUpdate):
     """G-GIN: MLP((1+eps) x_v + sum_u x_u + (1+delta) z'); the sum skips padding."""
 
-    def __init__(self, cin: int, cout: int, groups: int = 1) -> None:
+    def __init__(self, cin: int, cout: int, groups: int = 1, use_global: bool = True) -> None:
         super().__init__()
         self.nn = conv_mlp(cin, cout, groups)
         self.eps = nn.Parameter(torch.zeros(1))
-        self.delta = nn.Parameter(torch.zeros(1))
+        self.delta = nn.Parameter(torch.zeros(1)) if use_global else None
 
-    def _update(self, x: Tensor, agg: Tensor, zt: Tensor) -> Tensor:
-        h = (1 + self.eps) * x + agg + (1 + self.delta) * zt
+    def _update(self, x: Tensor, agg: Tensor, zt: Optional[Tensor]) -> Tensor:
+        h = (1 + self.eps) * x + agg
+        if zt is not None:
+            h = h + (1 + self.delta) * zt
         return conv_to_tokens(self.nn(tokens_to_conv(h)))
 
     def forward_static(self, x, idx, valid, zt):
@@ -235,8 +244,8 @@ GCN_ALIASES = {
 }
 
 
-def make_local_update(gcn: str, cin: int, cout: int, groups: int) -> LocalUpdate:
+def make_local_update(gcn: str, cin: int, cout: int, groups: int, use_global: bool = True) -> LocalUpdate:
     key = GCN_ALIASES.get(gcn.lower())
     if key is None:
         raise ValueError(f"unknown local update {gcn!r}; choose one of {sorted(LOCAL_UPDATES)}")
-    return LOCAL_UPDATES[key](cin, cout, groups)
+    return LOCAL_UPDATES[key](cin, cout, groups, use_global)

@@ -61,7 +61,9 @@ def kmeans(xn: Tensor, k: int, iters: int) -> Tensor:
     Returns the labels ``[B, N]`` of the assignment after the last update
     (T updates, T+1 assignments). Empty clusters keep their centroid.
     """
-    n = xn.shape[1]
+    b, n = xn.shape[:2]
+    if k == 1:  # one partition: nothing to cluster (the ViG baseline)
+        return torch.zeros(b, n, dtype=torch.long, device=xn.device)
     idx = torch.tensor(kmeans_init_indices(n, k), device=xn.device)
     centroids = xn.index_select(1, idx)
     for _ in range(iters):

@@ -44,6 +44,7 @@ class ClusterViGConfig:
     k_max: int = 18
     kmeans_iters: int = 20
     gcn: str = "mr"
+    global_update: bool = True  # False + clusters=1: the isotropic ViG baseline (full k-NN)
     distillation: bool = True
     head_dim: int = 1024
     stem_layers: int = 5
@@ -157,8 +158,8 @@ class DEGC(nn.Module):
         self.kmeans = KMeans(cfg.clusters, cfg.kmeans_iters)
         self.knn = PartitionedKNN(k, cfg.clusters, cfg.knn_mode, cfg.capacity)
         self.centroids = SegmentMean(cfg.clusters)
-        self.gat = GATv2(c, c)
-        self.local = make_local_update(cfg.gcn, c, 2 * c, cfg.groups)
+        self.gat = GATv2(c, c) if cfg.global_update else None
+        self.local = make_local_update(cfg.gcn, c, 2 * c, cfg.groups, cfg.global_update)
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
@@ -173,9 +174,11 @@ class DEGC(nn.Module):
 
     def _forward_static(self, t: Tensor, xn: Tensor, labels: Tensor) -> Tensor:
         idx, valid = self.knn(xn, labels)
-        z, counts = self.centroids(t, labels)
-        zp = self.gat(z, counts > 0)
-        zt = torch.matmul(one_hot(labels, self.clusters, t.dtype), zp)  # z'_{label(v)}
+        zt = None
+        if self.gat is not None:
+            z, counts = self.centroids(t, labels)
+            zp = self.gat(z, counts > 0)
+            zt = torch.matmul(one_hot(labels, self.clusters, t.dtype), zp)  # z'_{label(v)}
         return self.local.forward_static(t, idx, valid, zt)
 
     def _forward_reference(self, t: Tensor, xn: Tensor, labels: Tensor) -> Tensor:
@@ -185,11 +188,13 @@ class DEGC(nn.Module):
         # the next block's clustering; the GATv2-over-non-empty-partitions
         # semantics are checked separately (GATv2.forward_reference).
         parts = knn_reference(xn, labels, self.k)
-        z, counts = self.centroids(t, labels)
-        zp = self.gat(z, counts > 0)
-        zt = torch.zeros_like(t)
-        for bi, members, _ in parts:
-            zt[bi, members] = zp[bi, labels[bi, members[0]]]
+        zt = None
+        if self.gat is not None:
+            z, counts = self.centroids(t, labels)
+            zp = self.gat(z, counts > 0)
+            zt = torch.zeros_like(t)
+            for bi, members, _ in parts:
+                zt[bi, members] = zp[bi, labels[bi, members[0]]]
         return self.local.forward_reference(t, parts, zt)
 
 

@@ -70,3 +70,26 @@ def test_state_dict_identical_between_forms():
     b = clustervig.create_model("cvig_nano", form="reference")
     assert list(a.state_dict()) == list(b.state_dict())
     assert "blocks.0.grapher.degc.gat.lin_l.weight" in a.state_dict()
+
+
+def test_vig_baseline_has_full_knn_and_no_global_update():
+    from clustervig.graph import knn_masked, l2_normalize
+
+    model = clustervig.create_model("cvig_nano", clusters=1, global_update=False).eval()
+    assert not any(".gat." in k or k.endswith(".delta") for k in model.state_dict())
+    assert model.blocks[0].grapher.degc.local.nn[0].in_channels == 2 * model.cfg.dim  # [x, max_rel]
+    torch.manual_seed(0)
+    xn = l2_normalize(torch.randn(1, 30, 8, dtype=torch.float64))
+    labels = model.blocks[0].grapher.degc.kmeans(xn)
+    assert labels.eq(0).all()
+    idx, valid = knn_masked(xn, labels, 5)
+    sim = (xn[0] @ xn[0].T).numpy()
+    for v in range(30):
+        order = sorted(range(30), key=lambda u: (u != v, -sim[v, u], u))[:5]  # self first
+        assert idx[0, v].tolist() == order
+    assert valid.all()
+    ref = clustervig.create_model("cvig_nano", clusters=1, global_update=False, form="reference").eval()
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))
