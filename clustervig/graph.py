@@ -105,6 +105,12 @@ def topk_desc(values: Tensor, k: int) -> Tuple[Tensor, Tensor]:
 # --------------------------------------------------------------------------
 
 
+def _eye(n: int, device) -> Tensor:
+    """Boolean identity as an index comparison (ONNX Runtime has no bool EyeLike)."""
+    ar = torch.arange(n, device=device)
+    return ar.unsqueeze(1) == ar.unsqueeze(0)
+
+
 def knn_masked(xn: Tensor, labels: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     """Static form: full similarity, cross-partition entries masked, TopK(K).
 
@@ -115,7 +121,7 @@ def knn_masked(xn: Tensor, labels: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     k = min(k, n)
     sim = torch.matmul(xn, xn.transpose(1, 2))  # [B, N, N]
     same = labels.unsqueeze(2) == labels.unsqueeze(1)
-    eye = torch.eye(n, dtype=torch.bool, device=xn.device).unsqueeze(0)
+    eye = _eye(n, xn.device).unsqueeze(0)
     sim = torch.where(same, sim, torch.full_like(sim, -MASK_VALUE))
     sim = torch.where(eye, torch.full_like(sim, SELF_VALUE), sim)
     values, idx = topk_desc(sim, k)
@@ -173,7 +179,7 @@ def knn_padded(
     xp = xp.reshape(b, clusters, p, c)
     sim = torch.matmul(xp, xp.transpose(2, 3))  # [B, k, P, P]
     col_valid = slot_valid.reshape(b, clusters, 1, p)
-    eye = torch.eye(p, dtype=torch.bool, device=xn.device).view(1, 1, p, p)
+    eye = _eye(p, xn.device).view(1, 1, p, p)
     sim = torch.where(col_valid, sim, torch.full_like(sim, -MASK_VALUE))
     sim = torch.where(eye, torch.full_like(sim, SELF_VALUE), sim)
     values, local = topk_desc(sim, kk)  # [B, k, P, kk]
