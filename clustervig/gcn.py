@@ -154,7 +154,9 @@ class GEdgeConv(LocalUpdate):
         g = conv.groups
         w = conv.weight.flatten(1)  # [C_out, 3C/g] grouped
         blocks = w.reshape(g, w.shape[0] // g, w.shape[1])
-        dense = torch.block_diag(*blocks.unbind(0))  # [C_out, 3C]
+        # block-diagonal [C_out, 3C] (an outer product with I_g: ONNX has no block_diag)
+        eye = torch.eye(g, dtype=w.dtype, device=w.device).view(g, 1, g, 1)
+        dense = (blocks.unsqueeze(2) * eye).reshape(w.shape[0], g * w.shape[1])
         c = self.cin
         w_x, w_r = dense[:, :c], dense[:, c : 2 * c]
         a = torch.matmul(x, (w_x - w_r).t()) + conv.bias

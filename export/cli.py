@@ -1,0 +1,260 @@
+"""cvig-export: checkpoint -> validated FP32/FP16 ONNX (and a TensorRT engine where TensorRT is installed)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import click
+import onnx
+import torch
+
+import clustervig
+from clustervig.checkpoint import CheckpointError, model_from_checkpoint
+from clustervig.preprocess import sample_photographs, transform_spec
+from clustervig.utils import calibrate_batchnorm
+
+from .fp16 import DEFAULT_FP32_ISLANDS, convert_fp16, count_precision
+from .onnx_export import MIN_OPSET, BatchSpec, ExportError, atomic_save, check_model, export_onnx, set_metadata
+from .trt_build import TensorRTUnavailable, build_command_hint, build_engine
+from .validate import validate
+
+EXAMPLES = """
+\b
+Examples:
+  cvig-export --model cvig_ti --checkpoint ck.pth --fp16 -o out/
+  cvig-export --model cvig_nano --fp16 -o out/                 # random weights (warned), a quick demo
+  cvig-export --checkpoint clustervig/weights/cvig_digits.pth --dynamic-batch 1:32:256 --fp16 -o out/
+  cvig-export --model cvig_b_hr --knn padded --capacity 200 --checkpoint b_hr.pth -o out/
+
+\b
+Writes into OUT: model_fp32.onnx, model_fp16.onnx (with --fp16), model_*.plan
+(with TensorRT), report.json. Files appear only when the whole export
+succeeded (they are staged in a temporary folder first).
+"""
+
+
+def _step(i: int, n: int, text: str):
+    click.echo(click.style(f"[{i}/{n}] ", fg="cyan") + text, err=True)
+    return time.perf_counter()
+
+
+def _done(t0: float, extra: str = "") -> float:
+    dt = time.perf_counter() - t0
+    click.echo(f"      done in {dt:.1f}s{(' - ' + extra) if extra else ''}", err=True)
+    return dt
+
+
+def _check_out_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.ClickException(f"cannot create output directory {out}: {exc.strerror}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise click.ClickException(f"output directory {out} is not writable; choose another with -o")
+
+
+def build_model(model_name: Optional[str], checkpoint: Optional[Path], num_classes: Optional[int],
+                overrides: Dict) -> clustervig.ClusterViG:
+    try:
+        if model_name is None:
+            if checkpoint is None:
+                raise click.UsageError("give --model NAME, or --checkpoint of a file saved by clustervig (it records its model)")
+            return model_from_checkpoint(checkpoint, **overrides)
+        return clustervig.create_model(model_name, pretrained=checkpoint, num_classes=num_classes, **overrides)
+    except CheckpointError as exc:
+        raise click.ClickException(str(exc)) from None
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def validation_inputs(model, batch: BatchSpec, samples: int) -> Dict[str, torch.Tensor]:
+    n = batch.opt if not batch.dynamic else min(max(samples, batch.min), batch.max)
+    photos = sample_photographs(transform_spec(model.cfg))
+    reps = -(-n // len(photos))
+    g = torch.Generator().manual_seed(0)
+    size = model.cfg.img_size
+    return {"photos": photos.repeat(reps, 1, 1, 1)[:n], "random": torch.randn(n, 3, size, size, generator=g)}
+
+
+@click.command(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--model", "model_name", type=click.Choice(clustervig.list_models()), default=None,
+              help="Variant to export. May be omitted when --checkpoint was saved by clustervig.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Weights (.pth). Absent: random weights, BN calibrated on sample photos - loudly warned.")
+@click.option("--num-classes", type=int, default=None, help="Classifier outputs (default: the variant's).")
+@click.option("--gcn", type=click.Choice(["mr", "edge", "sage", "gin"]), default=None, help="Local update (default: the variant's).")
+@click.option("--batch", type=int, default=None, help="Static batch size (default 1).")
+@click.option("--dynamic-batch", default=None, metavar="MIN:OPT:MAX", help="Dynamic batch range, e.g. 1:8:32.")
+@click.option("--fp16/--no-fp16", default=False, help="Also write an FP16 graph (FP16 compute, FP32 islands).")
+@click.option("--fp16-io/--fp32-io", default=False, help="FP16 graph takes and returns float16.")
+@click.option("--fp32-islands", default=",".join(DEFAULT_FP32_ISLANDS),
+              help="DEGC pieces kept in FP32 in the FP16 graph (norm,kmeans,knn,centroids,gat,local).")
+@click.option("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset (>= {MIN_OPSET}).")
+@click.option("--knn", type=click.Choice(["auto", "masked", "padded"]), default="auto",
+              help="Static k-NN layout: masked N x N TopK, or padded partitions.")
+@click.option("--capacity", type=int, default=None, help="Padded-partition capacity P (default N: exact).")
+@click.option("--normalize-in-graph/--normalize-outside", default=False,
+              help="Put (x - mean) / std in the graph (input is RGB in [0, 1]).")
+@click.option("--plugins/--no-plugins", default=False, help="Replace k-means/k-NN subgraphs by TensorRT plugin nodes.")
+@click.option("--engine/--no-engine", default=True, help="Build TensorRT engines when tensorrt is importable.")
+@click.option("--workspace", type=int, default=2048, help="TensorRT workspace limit in MiB.")
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="TensorRT timing cache file (read and updated).")
+@click.option("--validate/--no-validate", default=True, help="Compare every artifact with PyTorch.")
+@click.option("--samples", type=int, default=4, help="Images per validation input set (dynamic batch).")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output directory.")
+def main(model_name, checkpoint, num_classes, gcn, batch, dynamic_batch, fp16, fp16_io, fp32_islands, opset, knn,
+         capacity, normalize_in_graph, plugins, engine, workspace, timing_cache, validate, samples, out):
+    """Export a ClusterViG checkpoint to ONNX (FP32, optionally FP16), validate it against
+    PyTorch, and build TensorRT engines where TensorRT is installed."""
+    if batch is not None and dynamic_batch is not None:
+        raise click.UsageError("use either --batch or --dynamic-batch, not both")
+    if batch is not None and batch < 1:
+        raise click.UsageError("--batch must be >= 1")
+    try:
+        bspec = BatchSpec.parse(dynamic_batch) if dynamic_batch else BatchSpec(batch or 1, batch or 1, batch or 1)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if opset < MIN_OPSET:
+        raise click.ClickException(f"opset {opset} is too low: ClusterViG needs opset >= {MIN_OPSET} (e.g. --opset {MIN_OPSET})")
+    if plugins:
+        raise click.ClickException("--plugins: the TensorRT plugin graph is not available in this version yet; "
+                                   "export without it (--no-plugins)")
+    if checkpoint is not None and not checkpoint.is_file():
+        raise click.ClickException(f"checkpoint {checkpoint} does not exist (check the path)")
+    islands = [p for p in fp32_islands.split(",") if p]
+    _check_out_dir(out)
+    n_steps = 3 + int(fp16) + int(validate)
+    step = 0
+    timings: Dict[str, float] = {}
+    overrides = {k: v for k, v in dict(gcn=gcn, knn=knn, capacity=capacity).items() if v is not None}
+
+    step += 1
+    t = _step(step, n_steps, f"building {model_name or 'model from checkpoint'}" + (f" from {checkpoint}" if checkpoint else ""))
+    model = build_model(model_name, checkpoint, num_classes, overrides).eval()
+    inputs = validation_inputs(model, bspec, samples)
+    if checkpoint is None:
+        click.secho("WARNING: no --checkpoint: exporting RANDOM weights (BatchNorm statistics calibrated on sample "
+                    "photographs so the numbers are meaningful). Do not deploy this model.", fg="yellow", err=True)
+        calibrate_batchnorm(model, [inputs["photos"]])
+    timings["build_model"] = _done(t, f"{model.cfg.name}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params")
+
+    stage = Path(tempfile.mkdtemp(prefix=".cvig-export-", dir=out))
+    try:
+        step += 1
+        t = _step(step, n_steps, f"exporting FP32 ONNX (opset {opset}, batch {bspec})")
+        fp32_path = stage / "model_fp32.onnx"
+        try:
+            fp32 = export_onnx(model, fp32_path, bspec, opset, normalize_in_graph)
+        except ExportError as exc:
+            raise click.ClickException(str(exc)) from None
+        timings["export_fp32"] = _done(t, f"{len(fp32.graph.node)} nodes")
+        artifacts = {"fp32": fp32_path}
+        precision = {}
+        if fp16:
+            step += 1
+            t = _step(step, n_steps, f"converting to FP16 (FP32 islands: {', '.join(islands) or 'none'})")
+            g16 = convert_fp16(onnx.load(str(fp32_path)), islands, fp16_io)
+            set_metadata(g16, {"clustervig.precision": "fp16", "clustervig.fp32_islands": ",".join(islands),
+                               "clustervig.io": "fp16" if fp16_io else "fp32"})
+            check_model(g16)
+            atomic_save(g16, stage / "model_fp16.onnx")
+            artifacts["fp16"] = stage / "model_fp16.onnx"
+            precision = count_precision(g16)
+            timings["export_fp16"] = _done(t, f"{len(g16.graph.node)} nodes; Conv FP16 {precision['Conv']['fp16']}, "
+                                              f"MatMul FP16 {precision['MatMul']['fp16']} / FP32 {precision['MatMul']['fp32']}")
+        report: Dict = {
+            "model": model.cfg.to_dict(),
+            "checkpoint": str(checkpoint) if checkpoint else None,
+            "random_weights": checkpoint is None,
+            "batch": str(bspec),
+            "opset": opset,
+            "fp32_islands": islands if fp16 else None,
+            "artifacts": {},
+            "timings_s": timings,
+        }
+        if validate:
+            step += 1
+            t = _step(step, n_steps, "validating against the PyTorch static form (photos + random inputs)")
+            report["validation"] = validate_all(model, artifacts, inputs)
+            timings["validate"] = _done(t)
+        step += 1
+        t = _step(step, n_steps, "TensorRT engines")
+        engines = {}
+        if engine:
+            for name, path in artifacts.items():
+                plan = stage / f"model_{name}.plan"
+                try:
+                    build_engine(path, plan, bspec, model.cfg.img_size, workspace, timing_cache)
+                    engines[name] = plan
+                except TensorRTUnavailable:
+                    click.echo(f"      TensorRT is not installed here: the ONNX artifacts are ready in {out}/. "
+                               f"To build an engine: {build_command_hint(out / path.name, out / plan.name, bspec, model.cfg.img_size)}", err=True)
+                    break
+        else:
+            click.echo("      skipped (--no-engine)", err=True)
+        timings["engines"] = _done(t)
+        # publish: everything or nothing
+        final = {}
+        for name, path in {**artifacts, **{f"{k}_engine": v for k, v in engines.items()}}.items():
+            dest = out / path.name
+            os.replace(path, dest)
+            final[name] = dest
+        for name, dest in final.items():
+            entry = {"path": str(dest), "bytes": dest.stat().st_size}
+            if dest.suffix == ".onnx":
+                g = onnx.load(str(dest), load_external_data=False)
+                entry["nodes"] = len(g.graph.node)
+                entry["op_counts"] = _op_counts(g)
+            report["artifacts"][name] = entry
+        if precision:
+            report["artifacts"]["fp16"]["precision_of_compute_ops"] = precision
+        _write_json(out / "report.json", report)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    click.echo(summary_table(report), err=False)
+    click.echo(f"report: {out / 'report.json'}")
+
+
+def validate_all(model, artifacts, inputs):
+    return validate(model, artifacts, inputs)
+
+
+def _op_counts(g: onnx.ModelProto) -> Dict[str, int]:
+    counts: Dict[str, int] = {}
+    for n in g.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def summary_table(report: Dict) -> str:
+    lines: List[str] = ["", f"{'artifact':<12} {'nodes':>7} {'MiB':>8}"]
+    for name, a in report["artifacts"].items():
+        lines.append(f"{name:<12} {a.get('nodes', '-'):>7} {a['bytes'] / 2**20:>8.2f}")
+    val = report.get("validation")
+    if val:
+        lines += ["", f"{'inputs':<8} {'comparison':<18} {'max|Δ|':>9} {'cos min':>9} {'top1':>6} {'labels':>7} {'neighb.':>7}"]
+        for set_name, res in val["results"].items():
+            for cmp_name, r in res.items():
+                lab = f"{r['label_agreement'] * 100:6.1f}%" if "label_agreement" in r else "      -"
+                nb = f"{r['neighbor_agreement'] * 100:6.1f}%" if "neighbor_agreement" in r else "      -"
+                lines.append(f"{set_name:<8} {cmp_name:<18} {r['max_abs_diff']:>9.2e} {r['cosine_min']:>9.6f} "
+                             f"{r['top1_agreement'] * 100:>5.0f}% {lab} {nb}")
+    t = report["timings_s"]
+    lines.append("")
+    lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

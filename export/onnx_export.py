@@ -1,0 +1,159 @@
+"""PyTorch static form -> ONNX (DESIGN.md section 4).
+
+``export_onnx`` traces the static form with the TorchScript exporter (its
+module-scoped names are what makes stable names possible), renames nodes,
+records the preprocessing and model config as metadata, runs
+``onnx.checker`` with full shape inference, and writes atomically.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Tuple
+
+import onnx
+import torch
+from torch import nn
+
+from clustervig.model import ClusterViG
+from clustervig.preprocess import transform_spec
+
+from .naming import rename_graph
+
+MIN_OPSET = 17
+INPUT, OUTPUT = "images", "logits"
+
+
+class ExportError(RuntimeError):
+    """Export failed for a reason the user can act on."""
+
+
+@dataclass
+class BatchSpec:
+    """Static batch (min == opt == max) or a dynamic range min:opt:max."""
+
+    min: int = 1
+    opt: int = 1
+    max: int = 1
+
+    @property
+    def dynamic(self) -> bool:
+        return not (self.min == self.opt == self.max)
+
+    @classmethod
+    def parse(cls, text: str) -> "BatchSpec":
+        try:
+            parts = [int(p) for p in text.split(":")]
+        except ValueError:
+            raise ValueError(f"batch range {text!r} must be MIN:OPT:MAX integers, e.g. 1:8:32") from None
+        if len(parts) != 3 or not (1 <= parts[0] <= parts[1] <= parts[2]):
+            raise ValueError(f"batch range {text!r} must be MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX")
+        return cls(*parts)
+
+    def __str__(self) -> str:
+        return f"{self.min}:{self.opt}:{self.max}" if self.dynamic else str(self.opt)
+
+
+class _Normalizing(nn.Module):
+    """Puts (x - mean) / std inside the graph: the input is then RGB in [0, 1]."""
+
+    def __init__(self, model: ClusterViG) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(model.cfg.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(model.cfg.std).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        return self.model((x - self.mean) / self.std)
+
+
+def atomic_save(model: onnx.ModelProto, path: Path) -> None:
+    """Serialise to a temp file beside ``path`` and rename: no partial artifact on failure."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx.checker (full) + strict shape inference; returns the shape-inferred model."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as exc:  # checker raises several types
+        raise ExportError(f"the exported graph fails onnx.checker: {exc}") from None
+
+
+def export_onnx(
+    model: ClusterViG,
+    path: Path,
+    batch: BatchSpec = BatchSpec(),
+    opset: int = MIN_OPSET,
+    normalize_in_graph: bool = False,
+    extra_metadata: Optional[dict] = None,
+) -> onnx.ModelProto:
+    """Export the static form of ``model`` to ``path`` and return the checked ONNX model."""
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset {opset} is too low: ClusterViG needs opset >= {MIN_OPSET} (use --opset {MIN_OPSET})")
+    if model.form != "static":
+        model.set_form("static")
+    model = model.eval()
+    cfg = model.cfg
+    net: nn.Module = _Normalizing(model) if normalize_in_graph else model
+    x = torch.zeros(batch.opt, 3, cfg.img_size, cfg.img_size)
+    buf = io.BytesIO()
+    dynamic_axes = {INPUT: {0: "batch"}, OUTPUT: {0: "batch"}} if batch.dynamic else None
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings on shape arithmetic are expected here
+        torch.onnx.export(
+            net, (x,), buf, dynamo=False, opset_version=opset, input_names=[INPUT], output_names=[OUTPUT],
+            dynamic_axes=dynamic_axes, do_constant_folding=True,
+        )
+    onx = onnx.load_from_string(buf.getvalue())
+    prefix = "model." if normalize_in_graph else ""
+    rename_graph(onx, [prefix + n for n, _ in model.named_modules()] + (["model"] if normalize_in_graph else []))
+    if normalize_in_graph:  # drop the wrapper's "model." prefix so names are the same in both variants
+        for node in onx.graph.node:
+            if node.name.startswith("model."):
+                node.name = node.name[len("model."):]
+    meta = {
+        "clustervig.config": json.dumps(cfg.to_dict()),
+        "clustervig.preprocess": json.dumps({**transform_spec(cfg), "normalize_in_graph": normalize_in_graph}),
+        "clustervig.batch": str(batch),
+        "clustervig.precision": "fp32",
+        **(extra_metadata or {}),
+    }
+    set_metadata(onx, meta)
+    onx.producer_name = "clustervig-trt"
+    checked = check_model(onx)
+    atomic_save(onx, path)
+    return checked
+
+
+def set_metadata(model: onnx.ModelProto, meta: dict) -> None:
+    existing = {p.key: p for p in model.metadata_props}
+    for k, v in meta.items():
+        if k in existing:
+            existing[k].value = v
+        else:
+            p = model.metadata_props.add()
+            p.key, p.value = k, v
+
+
+def get_metadata(model: onnx.ModelProto) -> dict:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def io_shape(batch: BatchSpec, img_size: int) -> Tuple:
+    return (batch.opt, 3, img_size, img_size)

@@ -1,0 +1,83 @@
+"""TensorRT engine build, kept thin (TENSORRT.md: 10.3+ and 11.x, one code path).
+
+Strongly typed networks only: precision comes from the ONNX tensor types
+(FP16 graph) and Q/DQ nodes (INT8); no builder precision flags, which
+TensorRT 11 removed. Everything here needs the ``tensorrt`` package; without
+it :class:`TensorRTUnavailable` explains how to build elsewhere.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+
+class TensorRTUnavailable(RuntimeError):
+    pass
+
+
+def tensorrt_module():
+    try:
+        import tensorrt as trt  # noqa: F401
+    except ImportError:
+        raise TensorRTUnavailable("the tensorrt Python package is not installed") from None
+    return trt
+
+
+def build_command_hint(onnx_path: Path, engine_path: Path, batch, img_size: int) -> str:
+    shapes = ""
+    if batch.dynamic:
+        hw = f"3x{img_size}x{img_size}"
+        shapes = (f" --minShapes=images:{batch.min}x{hw} --optShapes=images:{batch.opt}x{hw}"
+                  f" --maxShapes=images:{batch.max}x{hw}")
+    return (f"cvig-export ... --engine on a machine with TensorRT, or: trtexec --onnx={onnx_path} "
+            f"--saveEngine={engine_path} --stronglyTyped{shapes}")
+
+
+def build_engine(onnx_path: Path, engine_path: Path, batch, img_size: int, workspace_mib: int = 2048,
+                 timing_cache: Optional[Path] = None, plugin_library: Optional[Path] = None,
+                 opt_level: int = 3) -> Path:
+    """Parse ``onnx_path`` into a strongly typed network and write a serialized engine atomically."""
+    trt = tensorrt_module()
+    logger = trt.Logger(trt.Logger.WARNING)
+    if plugin_library is not None:
+        trt.get_plugin_registry().load_library(str(plugin_library))
+    builder = trt.Builder(logger)
+    flags = 0
+    major = int(trt.__version__.split(".")[0])
+    if major < 11:  # 11 networks are always strongly typed; the flag is deprecated there
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    config.builder_optimization_level = opt_level
+    profile = builder.create_optimization_profile()
+    shape = lambda b: (b, 3, img_size, img_size)  # noqa: E731
+    profile.set_shape("images", shape(batch.min), shape(batch.opt), shape(batch.max))
+    config.add_optimization_profile(profile)
+    cache_bytes = Path(timing_cache).read_bytes() if timing_cache and Path(timing_cache).exists() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, False)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
+    _atomic_write(Path(engine_path), bytes(plan))
+    if timing_cache:
+        _atomic_write(Path(timing_cache), bytes(config.get_timing_cache().serialize()))
+    return Path(engine_path)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,149 @@
+"""Validation of exported artifacts against the PyTorch static form.
+
+For each artifact: max |Δlogits|, cosine of logits, top-1 agreement, and the
+graph decisions inside every DEGC: k-means label agreement and k-NN
+neighbour agreement (fraction of (token, neighbour) pairs shared), read from
+the graph by the stable names of DESIGN.md section 4.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper
+
+from clustervig.model import ClusterViG
+
+from .onnx_export import INPUT
+
+
+def degc_boundary_tensors(model: onnx.ModelProto) -> Dict[str, Tuple[str, str]]:
+    """Per DEGC prefix: (k-means labels tensor, k-NN index tensor).
+
+    The labels are the int64 tensor produced inside ``.../degc/kmeans/`` and
+    used outside it; the neighbour indices the rank-3 int64 tensor produced
+    inside ``.../degc/knn/`` and used outside it.
+    """
+    inferred = onnx.shape_inference.infer_shapes(model)
+    info = {vi.name: vi.type.tensor_type for vi in inferred.graph.value_info}
+    producer = {o: n.name for n in model.graph.node for o in n.output}
+    out: Dict[str, Tuple[str, str]] = {}
+    prefixes = sorted({n.name.split("/")[0] for n in model.graph.node if ".degc" in n.name.split("/")[0]},
+                      key=lambda p: int(p.split(".")[1]))
+    for pre in prefixes:
+        found = {}
+        for piece, rank in (("kmeans", 2), ("knn", 3)):
+            scope = f"{pre}/{piece}/"
+            for n in model.graph.node:
+                if n.name.startswith(scope):
+                    continue
+                for x in n.input:
+                    src = producer.get(x, "")
+                    t = info.get(x)
+                    if src.startswith(scope) and t is not None and t.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) \
+                            and len(t.shape.dim) == rank:
+                        found.setdefault(piece, x)
+        if "kmeans" in found and "knn" in found:
+            out[pre] = (found["kmeans"], found["knn"])
+    return out
+
+
+def with_debug_outputs(model: onnx.ModelProto, names: List[str]) -> onnx.ModelProto:
+    dbg = onnx.ModelProto()
+    dbg.CopyFrom(model)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
+    for name in names:
+        dbg.graph.output.append(helper.make_tensor_value_info(name, types[name], None))
+    return dbg
+
+
+class OrtModel:
+    """An ONNX file in ONNX Runtime (CPU) that also returns every DEGC's labels and neighbours."""
+
+    def __init__(self, path: Path, with_graph_outputs: bool = True) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        model = onnx.load(str(path))
+        self.boundaries = degc_boundary_tensors(model) if with_graph_outputs else {}
+        extra = [t for pair in self.boundaries.values() for t in pair]
+        if extra:
+            model = with_debug_outputs(model, extra)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        self.input_type = np.float16 if "float16" in self.session.get_inputs()[0].type else np.float32
+
+    def run(self, x: np.ndarray) -> Dict[str, np.ndarray]:
+        outs = self.session.run(None, {INPUT: x.astype(self.input_type)})
+        res = {"logits": outs[0].astype(np.float32)}
+        for i, pre in enumerate(self.boundaries):
+            res[f"{pre}/labels"] = outs[1 + 2 * i]
+            res[f"{pre}/neighbors"] = outs[2 + 2 * i]
+        return res
+
+
+def torch_outputs(model: ClusterViG, x: torch.Tensor) -> Dict[str, np.ndarray]:
+    """Logits, labels and neighbour indices of the PyTorch static form (hooks on kmeans/knn)."""
+    res: Dict[str, np.ndarray] = {}
+    hooks = []
+    for i, degc in enumerate(model.degc_modules()):
+        pre = f"blocks.{i}.grapher.degc"
+        hooks.append(degc.kmeans.register_forward_hook(lambda m, a, o, p=pre: res.__setitem__(f"{p}/labels", o.numpy())))
+        hooks.append(degc.knn.register_forward_hook(lambda m, a, o, p=pre: res.__setitem__(f"{p}/neighbors", o[0].numpy())))
+    try:
+        with torch.no_grad():
+            res["logits"] = model.eval()(x).numpy()
+    finally:
+        for h in hooks:
+            h.remove()
+    return res
+
+
+def neighbor_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over tokens of |N_a(v) ∩ N_b(v)| / K for [B, N, K] index tensors."""
+    k = a.shape[-1]
+    a2, b2 = a.reshape(-1, k), b.reshape(-1, k)
+    shared = [len(set(r1.tolist()) & set(r2.tolist())) for r1, r2 in zip(a2, b2)]
+    return float(np.mean(shared) / k)
+
+
+def compare(ref: Dict[str, np.ndarray], out: Dict[str, np.ndarray]) -> Dict:
+    a, b = ref["logits"].astype(np.float64), out["logits"].astype(np.float64)
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    res = {
+        "max_abs_diff": float(np.abs(a - b).max()),
+        "cosine_min": float(cos.min()),
+        "cosine_mean": float(cos.mean()),
+        "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean()),
+    }
+    labels = [k for k in ref if k.endswith("/labels") and k in out]
+    if labels:
+        per = [float((ref[k] == out[k]).mean()) for k in labels]
+        nb = [neighbor_agreement(ref[k.replace("labels", "neighbors")], out[k.replace("labels", "neighbors")]) for k in labels]
+        res.update(label_agreement=float(np.mean(per)), label_agreement_min_block=float(min(per)),
+                   neighbor_agreement=float(np.mean(nb)), neighbor_agreement_min_block=float(min(nb)))
+    return res
+
+
+def validate(model: ClusterViG, artifacts: Dict[str, Path], inputs: Dict[str, torch.Tensor],
+             batch_limit: Optional[int] = None) -> Dict:
+    """Compare every artifact with PyTorch (and FP16 with FP32) on every named input set."""
+    t0 = time.perf_counter()
+    runners = {name: OrtModel(path) for name, path in artifacts.items()}
+    results: Dict = {}
+    for set_name, x in inputs.items():
+        if batch_limit:
+            x = x[:batch_limit]
+        ref = torch_outputs(model, x)
+        outs = {name: r.run(x.numpy()) for name, r in runners.items()}
+        results[set_name] = {f"{name} vs pytorch": compare(ref, o) for name, o in outs.items()}
+        if "fp16" in outs and "fp32" in outs:
+            results[set_name]["fp16 vs fp32"] = compare(outs["fp32"], outs["fp16"])
+    return {"inputs": {k: list(v.shape) for k, v in inputs.items()}, "results": results,
+            "validation_seconds": time.perf_counter() - t0}
