@@ -103,6 +103,16 @@ class GATv2(nn.Module):
 class LocalUpdate(nn.Module):
     """Base class: a G-GCN mapping C -> C_out with the partition's z'."""
 
+    def forward(self, x: Tensor, zt: Optional[Tensor], idx: Optional[Tensor] = None,
+                valid: Optional[Tensor] = None, parts: Optional[List[Part]] = None) -> Tensor:
+        """Static form with ``idx``/``valid``, reference form with ``parts``.
+
+        Going through ``__call__`` gives the ONNX export its ``degc/local/`` scope.
+        """
+        if parts is not None:
+            return self.forward_reference(x, parts, zt)
+        return self.forward_static(x, idx, valid, zt)
+
     def forward_static(self, x: Tensor, idx: Tensor, valid: Tensor, zt: Tensor) -> Tensor:
         raise NotImplementedError
 

@@ -179,7 +179,7 @@ class DEGC(nn.Module):
             z, counts = self.centroids(t, labels)
             zp = self.gat(z, counts > 0)
             zt = torch.matmul(one_hot(labels, self.clusters, t.dtype), zp)  # z'_{label(v)}
-        return self.local.forward_static(t, idx, valid, zt)
+        return self.local(t, zt, idx=idx, valid=valid)
 
     def _forward_reference(self, t: Tensor, xn: Tensor, labels: Tensor) -> Tensor:
         # Partition-wise graph construction and local update, as Algorithm 2.
@@ -195,7 +195,7 @@ class DEGC(nn.Module):
             zt = torch.zeros_like(t)
             for bi, members, _ in parts:
                 zt[bi, members] = zp[bi, labels[bi, members[0]]]
-        return self.local.forward_reference(t, parts, zt)
+        return self.local(t, zt, parts=parts)
 
 
 class Grapher(nn.Module):

@@ -110,7 +110,7 @@ def export_onnx(
         model.set_form("static")
     model = model.eval()
     cfg = model.cfg
-    net: nn.Module = _Normalizing(model) if normalize_in_graph else model
+    net: nn.Module = (_Normalizing(model) if normalize_in_graph else model).eval()
     x = torch.zeros(batch.opt, 3, cfg.img_size, cfg.img_size)
     buf = io.BytesIO()
     dynamic_axes = {INPUT: {0: "batch"}, OUTPUT: {0: "batch"}} if batch.dynamic else None
