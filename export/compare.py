@@ -18,7 +18,7 @@ import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 from polygraphy.common import TensorMetadata
-from polygraphy.comparator import Comparator, CompareFunc
+from polygraphy.comparator import Comparator, SimpleCompareFunc
 
 import clustervig
 from clustervig.checkpoint import CheckpointError, model_from_checkpoint
@@ -116,7 +116,7 @@ def run_compare(artifacts: List[Path], model: Optional[clustervig.ClusterViG], a
     if len(runners) < 2:
         raise click.UsageError("need at least two things to compare: several artifacts, or one with --checkpoint")
     results = Comparator.run(runners, data_loader=feeds(img_size, b, inputs))
-    ok = bool(Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol)))
+    ok = bool(Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=atol, rtol=rtol)))
     return ok
 
 

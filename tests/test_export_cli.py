@@ -1,0 +1,157 @@
+"""cvig-export and cvig-compare command lines: the main job, reports, and every bad-input case."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+import clustervig
+from clustervig import save_checkpoint
+from clustervig.export.cli import main as export_main
+from clustervig.export.compare import main as compare_main
+from clustervig.preprocess import sample_photographs, transform_spec
+from clustervig.train import WEIGHTS_DIR
+from clustervig.utils import calibrate_batchnorm
+
+
+@pytest.fixture(scope="module")
+def nano_ckpt(tmp_path_factory):
+    model = clustervig.create_model("cvig_nano")
+    calibrate_batchnorm(model, [sample_photographs(transform_spec(model.cfg))])
+    return save_checkpoint(model, tmp_path_factory.mktemp("ck") / "nano.pth")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, nano_ckpt):
+    out = tmp_path_factory.mktemp("out")
+    res = CliRunner().invoke(export_main, ["--checkpoint", str(nano_ckpt), "--fp16", "--dynamic-batch", "1:2:4", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    return out, res
+
+
+def test_export_writes_artifacts_and_report(exported):
+    out, res = exported
+    assert sorted(p.name for p in out.iterdir()) == ["model_fp16.onnx", "model_fp32.onnx", "report.json"]
+    report = json.loads((out / "report.json").read_text())
+    val = report["validation"]["results"]
+    assert val["photos"]["fp32 vs pytorch"]["max_abs_diff"] <= 1e-4
+    assert val["photos"]["fp32 vs pytorch"]["top1_agreement"] == 1.0
+    for key in ("cosine_min", "label_agreement", "neighbor_agreement", "top1_agreement"):
+        assert 0.0 <= val["photos"]["fp16 vs fp32"][key] <= 1.0 + 1e-9
+    assert report["artifacts"]["fp16"]["precision_of_compute_ops"]["Conv"]["fp32"] == 0
+    assert report["artifacts"]["fp32"]["nodes"] > 1000 and report["artifacts"]["fp32"]["bytes"] > 0
+    assert set(report["timings_s"]) >= {"export_fp32", "export_fp16", "validate"}
+    assert "TensorRT is not installed here" in res.output and "trtexec --onnx=" in res.output
+    assert "fp32 vs pytorch" in res.output  # summary table printed
+
+
+def test_export_from_digits_checkpoint_without_model_name(tmp_path):
+    res = CliRunner().invoke(export_main, ["--checkpoint", str(WEIGHTS_DIR / "cvig_digits.pth"), "--batch", "4",
+                                           "--no-engine", "-o", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    g = onnx.load(str(tmp_path / "model_fp32.onnx"))
+    assert [d.dim_value for d in g.graph.input[0].type.tensor_type.shape.dim] == [4, 3, 32, 32]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["model"]["class_names"] == [str(i) for i in range(10)]
+
+
+def test_random_weights_are_loudly_warned(tmp_path):
+    res = CliRunner().invoke(export_main, ["--model", "cvig_nano", "--no-validate", "--no-engine", "-o", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "RANDOM weights" in res.output
+    assert json.loads((tmp_path / "report.json").read_text())["random_weights"] is True
+
+
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        (["--model", "cvig_huge"], 2, "Invalid value for '--model'"),
+        (["--model", "cvig_nano", "--checkpoint", "missing.pth"], 1, "does not exist"),
+        (["--model", "cvig_nano", "--opset", "13"], 1, "opset 13 is too low"),
+        (["--model", "cvig_nano", "--batch", "2", "--dynamic-batch", "1:2:4"], 2, "not both"),
+        (["--model", "cvig_nano", "--dynamic-batch", "4:2:1"], 2, "MIN <= OPT <= MAX"),
+        (["--model", "cvig_nano", "--plugins"], 1, "plugin graph is not available"),
+        ([], 2, "give --model NAME"),
+    ],
+)
+def test_bad_input(tmp_path, args, code, message):
+    out = tmp_path / "out"
+    res = CliRunner().invoke(export_main, args + ["-o", str(out)])
+    assert res.exit_code == code, res.output
+    assert message in res.output
+    assert not out.exists() or not any(p.suffix in (".onnx", ".json", ".plan") for p in out.rglob("*"))
+
+
+def test_mismatched_checkpoint_lists_keys(tmp_path, nano_ckpt):
+    res = CliRunner().invoke(export_main, ["--model", "cvig_ti", "--checkpoint", str(nano_ckpt), "-o", str(tmp_path / "o")])
+    assert res.exit_code == 1
+    assert "missing keys" in res.output and "shape mismatches" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_corrupt_checkpoint(tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"\x80\x02not a checkpoint")
+    res = CliRunner().invoke(export_main, ["--model", "cvig_nano", "--checkpoint", str(bad), "-o", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "could not be read" in res.output
+
+
+def test_unwritable_output_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = CliRunner().invoke(export_main, ["--model", "cvig_nano", "-o", str(blocker / "out")])
+    assert res.exit_code == 1 and "cannot create output directory" in res.output
+
+
+def test_no_partial_artifacts_when_a_stage_fails(tmp_path, monkeypatch, nano_ckpt):
+    import clustervig.export.cli as cli
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated failure in the FP16 stage")
+
+    monkeypatch.setattr(cli, "convert_fp16", boom)
+    res = CliRunner().invoke(export_main, ["--checkpoint", str(nano_ckpt), "--fp16", "-o", str(tmp_path)])
+    assert res.exit_code != 0
+    assert list(tmp_path.iterdir()) == []  # FP32 ONNX was staged, never published
+
+
+def test_compare_passes_then_fails_on_corrupted_weight(tmp_path, exported, nano_ckpt):
+    out, _ = exported
+    res = CliRunner().invoke(compare_main, [str(out / "model_fp32.onnx"), "--checkpoint", str(nano_ckpt)])
+    assert res.exit_code == 0, res.output
+    assert "PASSED" in res.output
+    g = onnx.load(str(out / "model_fp32.onnx"))
+    conv_w = next(t for t in g.graph.initializer if len(t.dims) == 4 and t.dims[0] > 16)
+    arr = numpy_helper.to_array(conv_w).copy()
+    arr.flat[0] += 0.5  # one corrupted weight
+    conv_w.CopyFrom(numpy_helper.from_array(arr, conv_w.name))
+    onnx.save(g, str(tmp_path / "corrupt.onnx"))
+    res = CliRunner().invoke(compare_main, [str(tmp_path / "corrupt.onnx"), "--checkpoint", str(nano_ckpt)])
+    assert res.exit_code == 1
+    assert "FAILED" in res.output
+
+
+def test_compare_needs_two_runners(exported):
+    out, _ = exported
+    res = CliRunner().invoke(compare_main, [str(out / "model_fp32.onnx")])
+    assert res.exit_code == 2 and "at least two" in res.output
+
+
+def test_polygraphy_command_line_from_readme(tmp_path, exported):
+    out, _ = exported
+    poly = shutil.which("polygraphy") or str(__import__("pathlib").Path(sys.executable).parent / "polygraphy")
+    ref = tmp_path / "fp32_outputs.json"
+    cmd1 = [poly, "run", str(out / "model_fp32.onnx"), "--onnxrt", "--input-shapes", "images:[2,3,224,224]",
+            "--save-outputs", str(ref)]
+    r1 = subprocess.run(cmd1, capture_output=True, text=True)
+    assert r1.returncode == 0, r1.stdout + r1.stderr
+    cmd2 = [poly, "run", str(out / "model_fp32.onnx"), "--onnxrt", "--input-shapes", "images:[2,3,224,224]",
+            "--load-outputs", str(ref), "--atol", "1e-4", "--rtol", "1e-4"]
+    r2 = subprocess.run(cmd2, capture_output=True, text=True)
+    assert r2.returncode == 0 and "PASSED" in (r2.stdout + r2.stderr)
