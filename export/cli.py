@@ -100,6 +100,8 @@ def validation_inputs(model, batch: BatchSpec, samples: int) -> Dict[str, torch.
 @click.option("--capacity", type=int, default=None, help="Padded-partition capacity P (default N: exact).")
 @click.option("--normalize-in-graph/--normalize-outside", default=False,
               help="Put (x - mean) / std in the graph (input is RGB in [0, 1]).")
+@click.option("--simplify/--no-simplify", default=True,
+              help="Fold constants and remove dead nodes (names kept; outputs bit-identical).")
 @click.option("--plugins/--no-plugins", default=False, help="Replace k-means/k-NN subgraphs by TensorRT plugin nodes.")
 @click.option("--engine/--no-engine", default=True, help="Build TensorRT engines when tensorrt is importable.")
 @click.option("--workspace", type=int, default=2048, help="TensorRT workspace limit in MiB.")
@@ -108,7 +110,7 @@ def validation_inputs(model, batch: BatchSpec, samples: int) -> Dict[str, torch.
 @click.option("--samples", type=int, default=4, help="Images per validation input set (dynamic batch).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output directory.")
 def main(model_name, checkpoint, num_classes, gcn, batch, dynamic_batch, fp16, fp16_io, fp32_islands, opset, knn,
-         capacity, normalize_in_graph, plugins, engine, workspace, timing_cache, validate, samples, out):
+         capacity, normalize_in_graph, simplify, plugins, engine, workspace, timing_cache, validate, samples, out):
     """Export a ClusterViG checkpoint to ONNX (FP32, optionally FP16), validate it against
     PyTorch, and build TensorRT engines where TensorRT is installed."""
     if batch is not None and dynamic_batch is not None:
@@ -149,7 +151,7 @@ def main(model_name, checkpoint, num_classes, gcn, batch, dynamic_batch, fp16, f
         t = _step(step, n_steps, f"exporting FP32 ONNX (opset {opset}, batch {bspec})")
         fp32_path = stage / "model_fp32.onnx"
         try:
-            fp32 = export_onnx(model, fp32_path, bspec, opset, normalize_in_graph)
+            fp32 = export_onnx(model, fp32_path, bspec, opset, normalize_in_graph, simplify=simplify)
         except ExportError as exc:
             raise click.ClickException(str(exc)) from None
         timings["export_fp32"] = _done(t, f"{len(fp32.graph.node)} nodes")

@@ -190,3 +190,14 @@ def test_differences_are_only_label_flips(tmp_path, seed):
         assert r["label_agreement"] >= 0.98 and r["neighbor_agreement"] >= 0.98
         assert r["cosine_min"] >= 0.999
     assert r["top1_agreement"] >= 0.75
+
+
+def test_simplification_keeps_names_and_outputs(tmp_path, nano):
+    model, photos = nano
+    full = export_onnx(model, tmp_path / "full.onnx", BatchSpec(1, 2, 4), simplify=False)
+    simp = export_onnx(model, tmp_path / "simp.onnx", BatchSpec(1, 2, 4), simplify=True)
+    assert len(simp.graph.node) < 0.9 * len(full.graph.node)
+    kept = {n.name for n in simp.graph.node}
+    assert kept <= {n.name for n in full.graph.node}  # no renamed or new nodes
+    assert np.array_equal(ort_logits(tmp_path / "full.onnx", photos[:2]), ort_logits(tmp_path / "simp.onnx", photos[:2]))
+    assert "clustervig.config" in get_metadata(onnx.load(str(tmp_path / "simp.onnx")))
