@@ -1,0 +1,94 @@
+"""Plugin kernels: nvcc builds them for every default architecture; numpy references agree with the model."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clustervig.graph import kmeans, knn_masked, l2_normalize, segment_mean, gather_max
+from clustervig.plugins.reference import gather_max_rel_ref, kmeans_ref, partitioned_knn_ref, segment_mean_ref
+
+from conftest import clustered_tokens
+
+PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
+SYMBOLS = ["cvig_kmeans_launch", "cvig_kmeans_smem_bytes", "cvig_partitioned_knn_launch",
+           "cvig_segment_mean_launch", "cvig_gather_max_rel_launch"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    for tool in ("cmake", "nvcc"):
+        assert shutil.which(tool), f"{tool} is required to build the plugin kernels (CI installs it)"
+    build = tmp_path_factory.mktemp("plugins-build")
+    cfg = subprocess.run(["cmake", "-S", str(PLUGINS), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"],
+                         capture_output=True, text=True)
+    assert cfg.returncode == 0, cfg.stdout + cfg.stderr
+    b = subprocess.run(["cmake", "--build", str(build), "-j2"], capture_output=True, text=True)
+    assert b.returncode == 0, b.stdout + b.stderr
+    return build, cfg.stdout
+
+
+def test_kernels_build_for_every_default_arch(built):
+    build, log = built
+    lib = build / "libcvig_kernels.so"
+    assert lib.is_file()
+    archs = re.search(r"cvig: CUDA architectures (\S+)", log).group(1).split(";")
+    nvcc = subprocess.run(["nvcc", "--list-gpu-arch"], capture_output=True, text=True).stdout
+    expected = [a for a in ["75", "80", "86", "87", "89", "90", "100", "110", "120"] if f"compute_{a}" in nvcc]
+    assert archs == expected and "87" in archs  # Jetson Orin always
+    syms = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True).stdout
+    for s in SYMBOLS:
+        assert re.search(rf"\bT {s}\b", syms), s
+    # every architecture's code is embedded in the fat binary
+    elf = subprocess.run(["cuobjdump", "--list-elf", str(lib)], capture_output=True, text=True) if shutil.which("cuobjdump") else None
+    if elf is not None and elf.returncode == 0:
+        for a in archs:
+            assert f"sm_{a}" in elf.stdout
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_kmeans_reference_equals_model(seed):
+    x, _ = clustered_tokens([70, 50, 40, 36], c=24, noise=0.3, seed=seed)
+    xn = l2_normalize(torch.stack([x, x.flip(0)]))
+    labels, counts = kmeans_ref(xn.numpy(), 4, 20)
+    assert labels.dtype == np.int32 and counts.dtype == np.int32
+    np.testing.assert_array_equal(labels, kmeans(xn, 4, 20).numpy())
+    np.testing.assert_array_equal(counts, np.stack([np.bincount(l, minlength=4) for l in labels]))
+
+
+def test_kmeans_reference_empty_cluster():
+    xn = l2_normalize(torch.ones(1, 20, 4, dtype=torch.float64)).numpy()
+    labels, counts = kmeans_ref(xn, 3, 5)
+    assert (labels == 0).all() and counts.tolist() == [[20, 0, 0]]
+
+
+@pytest.mark.parametrize("sizes", [[49, 49, 49, 49], [150, 40, 5, 1], [196, 0, 0, 0]])
+def test_knn_reference_equals_model(sizes):
+    rng = np.random.default_rng(0)
+    labels = np.concatenate([np.full(s, j) for j, s in enumerate(sizes)])
+    rng.shuffle(labels)
+    xn = l2_normalize(torch.randn(1, len(labels), 16, dtype=torch.float64))
+    lt = torch.tensor(labels).unsqueeze(0)
+    idx, valid = partitioned_knn_ref(xn.numpy(), lt.numpy().astype(np.int32), 9)
+    ti, tv = knn_masked(xn, lt, 9)
+    np.testing.assert_array_equal(idx, ti.numpy())
+    np.testing.assert_array_equal(valid, tv.numpy().astype(np.int32))
+
+
+def test_segment_ops_reference_equals_model():
+    torch.manual_seed(0)
+    x = torch.randn(2, 50, 8, dtype=torch.float64)
+    labels = torch.randint(0, 3, (2, 50))
+    labels[1] = labels[1].clamp(max=1)  # image 1 has an empty partition 2
+    z, counts = segment_mean_ref(x.numpy(), labels.numpy(), 3)
+    tz, tc = segment_mean(x, labels, 3)
+    np.testing.assert_allclose(z, tz.numpy(), atol=1e-12)
+    np.testing.assert_array_equal(counts, tc.numpy().astype(np.int32))
+    assert (z[1, 2] == 0).all()
+    idx = torch.randint(0, 50, (2, 50, 7))
+    np.testing.assert_array_equal(gather_max_rel_ref(x.numpy(), idx.numpy()), (gather_max(x, idx) - x).numpy())
