@@ -92,3 +92,21 @@ def test_segment_ops_reference_equals_model():
     assert (z[1, 2] == 0).all()
     idx = torch.randint(0, 50, (2, 50, 7))
     np.testing.assert_array_equal(gather_max_rel_ref(x.numpy(), idx.numpy()), (gather_max(x, idx) - x).numpy())
+
+
+TRT_ROOTS = [p for p in __import__("os").environ.get("CVIG_TRT_HEADERS", "").split(":") if p]
+
+
+@pytest.mark.trt
+@pytest.mark.skipif(not TRT_ROOTS, reason="set CVIG_TRT_HEADERS=<root>[:<root>] (dirs with include/NvInferRuntime.h, "
+                    "e.g. extracted from NVIDIA/TensorRT tags v10.3.0 and v11.1) to compile-check the wrappers")
+@pytest.mark.parametrize("root", TRT_ROOTS or ["-"])
+def test_plugin_library_builds_against_tensorrt_headers(tmp_path, root):
+    build = tmp_path / "b"
+    cfg = subprocess.run(["cmake", "-S", str(PLUGINS), "-B", str(build), f"-DCVIG_TRT_ROOT={root}",
+                          "-DCVIG_CUDA_ARCHS=87"], capture_output=True, text=True)
+    assert cfg.returncode == 0, cfg.stdout + cfg.stderr
+    b = subprocess.run(["cmake", "--build", str(build), "-j2", "--target", "cvig_plugins"], capture_output=True, text=True)
+    assert b.returncode == 0, b.stdout + b.stderr  # -Wall -Wextra -Werror on the wrappers
+    syms = subprocess.run(["nm", "-D", "--defined-only", str(build / "libcvig_plugins.so")], capture_output=True, text=True).stdout
+    assert re.search(r"\bT getCreators\b", syms) and re.search(r"\bT setLoggerFinder\b", syms)
