@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .graph import MASK_VALUE, gather_max, gather_neighbors
+from .graph import MASK_VALUE, GatherMaxRel, gather_max, gather_neighbors
 
 Part = Tuple[int, Tensor, Tensor]  # (image index, members [P], neighbours [P, K_p])
 
@@ -126,16 +126,15 @@ class GMRGCN(LocalUpdate):
     def __init__(self, cin: int, cout: int, groups: int = 1, use_global: bool = True) -> None:
         super().__init__()
         self.nn = conv_mlp((3 if use_global else 2) * cin, cout, groups)
+        self.gather_max_rel = GatherMaxRel()
 
     def _update(self, x: Tensor, rel: Tensor, zt: Optional[Tensor]) -> Tensor:
         return conv_to_tokens(self.nn(tokens_to_conv(torch.cat(with_global([x, rel], zt), dim=-1))))
 
     def forward_static(self, x, idx, valid, zt):
-        # max_u (x_u - x_v) == max_u(x_u) - x_v bit for bit: rounding is monotonic,
-        # so subtracting after the max saves a [B, N, K, C] subtraction.
-        # Self-filled slots repeat x_v itself, which is already a neighbour.
-        rel = gather_max(x, idx) - x
-        return self._update(x, rel, zt)
+        # subtracting after the max saves a [B, N, K, C] subtraction; self-filled
+        # slots repeat x_v itself, which is already a neighbour
+        return self._update(x, self.gather_max_rel(x, idx), zt)
 
     def forward_reference(self, x, parts, zt):
         rel = [(x[bi, nb] - x[bi, m].unsqueeze(1)).amax(dim=1) for bi, m, nb in parts]

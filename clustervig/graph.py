@@ -293,6 +293,14 @@ class PartitionedKNN(nn.Module):
         return f"k={self.k}, mode={self.mode}{cap}"
 
 
+class GatherMaxRel(nn.Module):
+    """max_u (x_u - x_v) of G-MRGCN as its own scope (``degc/local/gather_max_rel``) for graph surgery."""
+
+    def forward(self, x: Tensor, idx: Tensor) -> Tensor:
+        # max_u (x_u - x_v) == max_u(x_u) - x_v bit for bit: rounding is monotonic
+        return gather_max(x, idx) - x
+
+
 class SegmentMean(nn.Module):
     """Centroid features z_j = mean of X over partition j (DESIGN.md 2.4)."""
 
@@ -356,5 +364,6 @@ __all__ = [
     "KMeans",
     "PartitionedKNN",
     "SegmentMean",
+    "GatherMaxRel",
     "Normalize",
 ]

@@ -19,6 +19,7 @@ from clustervig.preprocess import sample_photographs, transform_spec
 from clustervig.utils import calibrate_batchnorm
 
 from .fp16 import DEFAULT_FP32_ISLANDS, convert_fp16, count_precision
+from .plugin_graph import SurgeryError, to_plugin_graph
 from .onnx_export import MIN_OPSET, BatchSpec, ExportError, atomic_save, check_model, export_onnx, set_metadata
 from .trt_build import TensorRTUnavailable, build_command_hint, build_engine
 from .validate import validate
@@ -102,7 +103,8 @@ def validation_inputs(model, batch: BatchSpec, samples: int) -> Dict[str, torch.
               help="Put (x - mean) / std in the graph (input is RGB in [0, 1]).")
 @click.option("--simplify/--no-simplify", default=True,
               help="Fold constants and remove dead nodes (names kept; outputs bit-identical).")
-@click.option("--plugins/--no-plugins", default=False, help="Replace k-means/k-NN subgraphs by TensorRT plugin nodes.")
+@click.option("--plugins/--no-plugins", default=False,
+              help="Also write model_plugins.onnx: k-means, k-NN and gather-max-rel of every DEGC as TensorRT plugin nodes.")
 @click.option("--engine/--no-engine", default=True, help="Build TensorRT engines when tensorrt is importable.")
 @click.option("--workspace", type=int, default=2048, help="TensorRT workspace limit in MiB.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="TensorRT timing cache file (read and updated).")
@@ -123,14 +125,11 @@ def main(model_name, checkpoint, num_classes, gcn, batch, dynamic_batch, fp16, f
         raise click.UsageError(str(exc)) from None
     if opset < MIN_OPSET:
         raise click.ClickException(f"opset {opset} is too low: ClusterViG needs opset >= {MIN_OPSET} (e.g. --opset {MIN_OPSET})")
-    if plugins:
-        raise click.ClickException("--plugins: the TensorRT plugin graph is not available in this version yet; "
-                                   "export without it (--no-plugins)")
     if checkpoint is not None and not checkpoint.is_file():
         raise click.ClickException(f"checkpoint {checkpoint} does not exist (check the path)")
     islands = [p for p in fp32_islands.split(",") if p]
     _check_out_dir(out)
-    n_steps = 3 + int(fp16) + int(validate)
+    n_steps = 3 + int(fp16) + int(validate) + int(plugins)
     step = 0
     timings: Dict[str, float] = {}
     overrides = {k: v for k, v in dict(gcn=gcn, knn=knn, capacity=capacity).items() if v is not None}
@@ -169,6 +168,17 @@ def main(model_name, checkpoint, num_classes, gcn, batch, dynamic_batch, fp16, f
             precision = count_precision(g16)
             timings["export_fp16"] = _done(t, f"{len(g16.graph.node)} nodes; Conv FP16 {precision['Conv']['fp16']}, "
                                               f"MatMul FP16 {precision['MatMul']['fp16']} / FP32 {precision['MatMul']['fp32']}")
+        if plugins:
+            step += 1
+            t = _step(step, n_steps, "plugin graph (graph surgery by stable names)")
+            try:
+                pg, surgery = to_plugin_graph(onnx.load(str(fp32_path)))
+            except SurgeryError as exc:
+                raise click.ClickException(str(exc)) from None
+            onnx.checker.check_model(pg, full_check=True)
+            atomic_save(pg, stage / "model_plugins.onnx")
+            artifacts["plugins"] = stage / "model_plugins.onnx"
+            timings["plugins"] = _done(t, surgery.line())
         report: Dict = {
             "model": model.cfg.to_dict(),
             "checkpoint": str(checkpoint) if checkpoint else None,
@@ -176,6 +186,8 @@ def main(model_name, checkpoint, num_classes, gcn, batch, dynamic_batch, fp16, f
             "batch": str(bspec),
             "opset": opset,
             "fp32_islands": islands if fp16 else None,
+            "plugins": {"replaced": surgery.replaced, "nodes_before": surgery.nodes_before,
+                        "nodes_after": surgery.nodes_after} if plugins else None,
             "artifacts": {},
             "timings_s": timings,
         }
@@ -189,6 +201,8 @@ def main(model_name, checkpoint, num_classes, gcn, batch, dynamic_batch, fp16, f
         engines = {}
         if engine:
             for name, path in artifacts.items():
+                if name == "plugins":
+                    continue  # needs libcvig_plugins.so: trtexec --dynamicPlugins (plugins/README.md)
                 plan = stage / f"model_{name}.plan"
                 try:
                     build_engine(path, plan, bspec, model.cfg.img_size, workspace, timing_cache)

@@ -74,9 +74,14 @@ class OrtModel:
         extra = [t for pair in self.boundaries.values() for t in pair]
         if extra:
             model = with_debug_outputs(model, extra)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        if any(n.domain == "cvig" for n in model.graph.node):  # plugin graph: CPU reference ops
+            from .plugin_graph import ort_session
+
+            self.session = ort_session(model)
+        else:
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         self.input_type = np.float16 if "float16" in self.session.get_inputs()[0].type else np.float32
 
     def run(self, x: np.ndarray) -> Dict[str, np.ndarray]:
@@ -143,7 +148,8 @@ def validate(model: ClusterViG, artifacts: Dict[str, Path], inputs: Dict[str, to
         ref = torch_outputs(model, x)
         outs = {name: r.run(x.numpy()) for name, r in runners.items()}
         results[set_name] = {f"{name} vs pytorch": compare(ref, o) for name, o in outs.items()}
-        if "fp16" in outs and "fp32" in outs:
-            results[set_name]["fp16 vs fp32"] = compare(outs["fp32"], outs["fp16"])
+        for other in ("fp16", "plugins"):
+            if other in outs and "fp32" in outs:
+                results[set_name][f"{other} vs fp32"] = compare(outs["fp32"], outs[other])
     return {"inputs": {k: list(v.shape) for k, v in inputs.items()}, "results": results,
             "validation_seconds": time.perf_counter() - t0}

@@ -76,7 +76,6 @@ def test_random_weights_are_loudly_warned(tmp_path):
         (["--model", "cvig_nano", "--opset", "13"], 1, "opset 13 is too low"),
         (["--model", "cvig_nano", "--batch", "2", "--dynamic-batch", "1:2:4"], 2, "not both"),
         (["--model", "cvig_nano", "--dynamic-batch", "4:2:1"], 2, "MIN <= OPT <= MAX"),
-        (["--model", "cvig_nano", "--plugins"], 1, "plugin graph is not available"),
         ([], 2, "give --model NAME"),
     ],
 )

@@ -1,0 +1,109 @@
+"""Graph surgery to the TensorRT plugin graph, run on a CPU with the reference ops (onnxruntime-extensions)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from clustervig.export.cli import main as export_main
+from clustervig.export.onnx_export import BatchSpec, export_onnx
+from clustervig.export.plugin_graph import SurgeryError, ort_session, to_plugin_graph
+
+from test_export_onnx import photos_model
+
+
+def exported(tmp_path, name, seed=0, simplify=True, **kw):
+    model, photos = photos_model(name, seed=seed) if not kw else _model(name, seed, **kw)
+    export_onnx(model, tmp_path / f"{name}.onnx", BatchSpec(1, 4, 4), simplify=simplify)
+    return model, photos, onnx.load(str(tmp_path / f"{name}.onnx"))
+
+
+def _model(name, seed, **kw):
+    import torch
+
+    import clustervig
+    from clustervig.preprocess import sample_photographs, transform_spec
+    from clustervig.utils import calibrate_batchnorm
+
+    torch.manual_seed(seed)
+    m = clustervig.create_model(name, **kw)
+    x = sample_photographs(transform_spec(m.cfg))
+    calibrate_batchnorm(m, [x])
+    return m.eval(), x
+
+
+def pure_logits(tmp_path, name, x):
+    return ort.InferenceSession(str(tmp_path / f"{name}.onnx"), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+
+
+@pytest.mark.parametrize("name,seed", [("cvig_nano", 0), ("cvig_ti", 1)])
+def test_plugin_graph_equals_pure_graph(tmp_path, name, seed):
+    model, photos, g = exported(tmp_path, name, seed)
+    pg, rep = to_plugin_graph(g)
+    onnx.checker.check_model(pg, full_check=True)
+    depth = model.cfg.depth
+    assert rep.replaced == {"CvigKMeans": depth, "CvigPartitionedKNN": depth, "CvigGatherMaxRel": depth}
+    x = photos.numpy()
+    diff = np.abs(ort_session(pg).run(None, {"images": x})[0] - pure_logits(tmp_path, name, x)).max()
+    assert diff <= 1e-5
+    if name == "cvig_ti":
+        assert rep.nodes_before >= 5 * rep.nodes_after  # acceptance: >= 5x fewer nodes
+
+
+def test_every_grapher_is_replaced_with_parser_attributes(tmp_path):
+    model, _, g = exported(tmp_path, "cvig_ti", seed=1)
+    pg, _ = to_plugin_graph(g)
+    nodes = {n.name: n for n in pg.graph.node}
+    for i, k in enumerate(model.cfg.neighbors):
+        km = nodes[f"blocks.{i}.grapher.degc/kmeans/CvigKMeans"]
+        nn = nodes[f"blocks.{i}.grapher.degc/knn/CvigPartitionedKNN"]
+        assert nodes[f"blocks.{i}.grapher.degc/local/gather_max_rel/CvigGatherMaxRel"].op_type == "CvigGatherMaxRel"
+        a = {x.name: onnx.helper.get_attribute_value(x) for x in km.attribute}
+        assert a == {"clusters": 4, "iters": 20, "plugin_version": b"1", "plugin_namespace": b""}
+        assert onnx.helper.get_attribute_value(next(x for x in nn.attribute if x.name == "k")) == k
+        assert not any(n.name.startswith(f"blocks.{i}.grapher.degc/kmeans/") and n.op_type in ("ArgMin", "MatMul")
+                       for n in pg.graph.node)
+    # plugin I/O label and index tensors are int32
+    inf = onnx.shape_inference.infer_shapes(pg)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in inf.graph.value_info}
+    casts = [n for n in pg.graph.node if n.name.endswith(("labels_to_int64", "idx_to_int64"))]
+    assert casts and all(types.get(n.input[0], onnx.TensorProto.INT32) == onnx.TensorProto.INT32 for n in casts)
+
+
+def test_gin_plugin_graph_uses_validity(tmp_path):
+    model, photos, g = exported(tmp_path, "cvig_nano", gcn="gin")
+    pg, rep = to_plugin_graph(g)
+    assert "CvigGatherMaxRel" not in rep.replaced  # G-GIN sums, it has no max-relative
+    assert any(n.name.endswith("valid_to_bool") for n in pg.graph.node)
+    x = photos.numpy()
+    assert np.abs(ort_session(pg).run(None, {"images": x})[0] - pure_logits(tmp_path, "cvig_nano", x)).max() <= 1e-5
+
+
+def test_missing_subgraph_is_an_error(tmp_path):
+    _, _, g = exported(tmp_path, "cvig_nano")
+    for n in g.graph.node:  # hide block 1's k-means from the surgery
+        if n.name.startswith("blocks.1.grapher.degc/kmeans/"):
+            n.name = n.name.replace("blocks.1.grapher.degc/kmeans/", "renamed/")
+    with pytest.raises(SurgeryError, match=r"blocks\.1\.grapher\.degc/kmeans/ not found"):
+        to_plugin_graph(g)
+
+
+def test_graph_without_metadata_is_refused(tmp_path):
+    _, _, g = exported(tmp_path, "cvig_nano")
+    del g.metadata_props[:]
+    with pytest.raises(SurgeryError, match="no clustervig.config metadata"):
+        to_plugin_graph(g)
+
+
+def test_cli_plugins(tmp_path):
+    res = CliRunner().invoke(export_main, ["--model", "cvig_nano", "--plugins", "--no-engine", "-o", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "model_plugins.onnx").is_file()
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["plugins"]["replaced"]["CvigKMeans"] == 3
+    assert report["validation"]["results"]["photos"]["plugins vs fp32"]["max_abs_diff"] <= 1e-5
+    assert "CvigPartitionedKNN" in res.output
