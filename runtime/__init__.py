@@ -1,1 +1,10 @@
-"""Runtimes (ONNX Runtime, TensorRT) for exported ClusterViG models."""
+"""Runtimes for exported ClusterViG models: one Session over ONNX Runtime and TensorRT, image classification.
+
+    from clustervig.runtime import open_session, classify_files
+    with open_session("out/model_fp32.onnx") as s:
+        print(classify_files(s, ["photo.jpg"])[0]["top"][0])
+"""
+from .classify import class_names, classify_files
+from .session import OrtSession, RuntimeErrorWithFix, Session, TrtSession, open_session
+
+__all__ = ["Session", "OrtSession", "TrtSession", "open_session", "classify_files", "class_names", "RuntimeErrorWithFix"]

@@ -1,0 +1,121 @@
+"""cvig-run and cvig-bench: classify images and benchmark an exported model (ONNX or TensorRT engine)."""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import List
+
+import click
+import numpy as np
+
+from clustervig.preprocess import ImageError
+
+from .classify import class_names, classify_files
+from .session import RuntimeErrorWithFix, open_session
+
+CTX = {"help_option_names": ["-h", "--help"], "show_default": True}
+
+
+def _open(model: Path, provider: str, plugins_lib):
+    try:
+        return open_session(model, providers=None if provider == "cpu" else [provider], plugin_library=plugins_lib)
+    except RuntimeErrorWithFix as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.command(context_settings=CTX, epilog="""
+\b
+Examples:
+  cvig-run out/model_fp32.onnx photo1.jpg photo2.png
+  cvig-run out/model_fp16.onnx images/*.jpg --topk 3 --batch 16 --json
+  cvig-run out/model_fp16.plan photo.jpg --plugins-lib build/plugins/libcvig_plugins.so
+""")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--topk", type=int, default=5, help="Classes to show per image.")
+@click.option("--batch", type=int, default=8, help="Images per inference call.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (with the full logits) instead of a table.")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Class names, one per line (default: recorded at export, else class_<i>).")
+@click.option("--provider", default="cpu", help="ONNX Runtime provider, e.g. CUDAExecutionProvider.")
+@click.option("--plugins-lib", type=click.Path(path_type=Path), default=None, help="libcvig_plugins.so for engines with plugins.")
+def run_main(model, images, topk, batch, as_json, labels, provider, plugins_lib):
+    """Classify IMAGES (JPEG/PNG) with MODEL (.onnx or .plan/.engine), using the preprocessing recorded at export."""
+    with _open(model, provider, plugins_lib) as sess:
+        try:
+            names = class_names(sess, labels)
+            results = classify_files(sess, list(images), batch=batch, topk=topk, names=names)
+        except (ImageError, ValueError, RuntimeErrorWithFix) as exc:
+            raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        click.echo(r["file"])
+        for t in r["top"]:
+            click.echo(f"  {t['probability'] * 100:6.2f}%  {t['name']}  (class {t['class']}, logit {t['logit']:.3f})")
+
+
+def bench(sess, batches: List[int], warmup: int, iters: int) -> List[dict]:
+    spec = sess.preprocess
+    size = int(spec["img_size"])
+    rows = []
+    for b in batches:
+        if sess.max_batch is not None and getattr(sess, "static_batch", False) and b != sess.max_batch:
+            continue
+        x = np.random.default_rng(0).standard_normal((b, 3, size, size)).astype(np.float32)
+        for _ in range(warmup):
+            sess.infer(x)
+        lat = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            sess.infer(x)
+            lat.append(time.perf_counter() - t0)
+        s = sorted(lat)
+        q = lambda p: s[min(len(s) - 1, int(round(p * (len(s) - 1))))]  # noqa: E731
+        med = statistics.median(s)
+        rows.append({"batch": b, "latency_ms_p50": med * 1e3, "latency_ms_p90": q(0.9) * 1e3,
+                     "latency_ms_p99": q(0.99) * 1e3, "throughput_img_s": b / med, "iters": iters})
+    return rows
+
+
+def bench_table(model: Path, rows: List[dict]) -> str:
+    lines = [f"{model.name}", f"{'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'img/s':>9}"]
+    for r in rows:
+        lines.append(f"{r['batch']:>5} {r['latency_ms_p50']:>9.2f} {r['latency_ms_p90']:>9.2f} "
+                     f"{r['latency_ms_p99']:>9.2f} {r['throughput_img_s']:>9.1f}")
+    return "\n".join(lines)
+
+
+@click.command(context_settings=CTX, epilog="""
+\b
+Examples:
+  cvig-bench out/model_fp32.onnx --batch 1,8,32
+  cvig-bench out/model_fp16.onnx --batch 1,16 --iters 50 --json bench.json
+""")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--batch", "batches", default="1,8,32", help="Comma-separated batch sizes (Table VI layout).")
+@click.option("--warmup", type=int, default=3)
+@click.option("--iters", type=int, default=10)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the rows as JSON.")
+@click.option("--provider", default="cpu", help="ONNX Runtime provider.")
+@click.option("--plugins-lib", type=click.Path(path_type=Path), default=None)
+def bench_main(model, batches, warmup, iters, json_path, provider, plugins_lib):
+    """Latency percentiles and throughput of MODEL per batch size, like the paper's Table VI."""
+    try:
+        bs = [int(b) for b in batches.split(",")]
+    except ValueError:
+        raise click.UsageError(f"--batch {batches!r}: give comma-separated integers, e.g. 1,8,32") from None
+    with _open(model, provider, plugins_lib) as sess:
+        rows = bench(sess, bs, warmup, iters)
+    skipped = sorted(set(bs) - {r["batch"] for r in rows})
+    if skipped:
+        click.echo(f"skipped batch {skipped}: {model.name} has a static batch of {sess.max_batch} "
+                   "(export with --dynamic-batch to benchmark several)", err=True)
+    if not rows:
+        raise click.ClickException(f"{model} has a static batch of {sess.max_batch}: pass --batch {sess.max_batch}")
+    click.echo(bench_table(model, rows))
+    if json_path:
+        json_path.write_text(json.dumps({"model": str(model), "rows": rows}, indent=2) + "\n")

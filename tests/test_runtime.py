@@ -1,0 +1,161 @@
+"""Python runtime: cvig-run / cvig-bench on exported models, real image files, bad inputs."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import clustervig
+from clustervig.data import digits_split, write_image_folder
+from clustervig.export.onnx_export import BatchSpec, export_onnx
+from clustervig.preprocess import load_batch, transform_spec
+from clustervig.runtime import RuntimeErrorWithFix, classify_files, open_session
+from clustervig.runtime.cli import bench_main, run_main
+from clustervig.train import WEIGHTS_DIR
+from clustervig.utils import calibrate_batchnorm
+
+
+@pytest.fixture(scope="module")
+def photo_files(tmp_path_factory):
+    from skimage import data
+
+    d = tmp_path_factory.mktemp("photos")
+    files = []
+    for name, ext in [("astronaut", "jpg"), ("coffee", "png"), ("chelsea", "jpg"), ("camera", "png")]:
+        arr = getattr(data, name)()
+        path = d / f"{name}.{ext}"
+        Image.fromarray(arr).save(path, quality=95) if ext == "jpg" else Image.fromarray(arr).save(path)
+        files.append(path)
+    return files
+
+
+@pytest.fixture(scope="module")
+def nano(tmp_path_factory, photo_files):
+    torch.manual_seed(0)
+    model = clustervig.create_model("cvig_nano")
+    calibrate_batchnorm(model, [load_batch(photo_files, transform_spec(model.cfg))])
+    d = tmp_path_factory.mktemp("nano")
+    export_onnx(model, d / "dyn.onnx", BatchSpec(1, 2, 8))
+    export_onnx(model, d / "static2.onnx", BatchSpec(2, 2, 2))
+    export_onnx(model, d / "norm.onnx", BatchSpec(1, 2, 8), normalize_in_graph=True)
+    return model.eval(), d
+
+
+def torch_logits(model, files):
+    with torch.no_grad():
+        return model(load_batch(files, transform_spec(model.cfg))).numpy()
+
+
+@pytest.mark.parametrize("onnx_name", ["dyn.onnx", "static2.onnx", "norm.onnx"])
+def test_run_logits_equal_pytorch_on_photographs(nano, photo_files, onnx_name):
+    model, d = nano
+    res = CliRunner().invoke(run_main, [str(d / onnx_name), *map(str, photo_files), "--json", "--batch", "3"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    logits = np.array([r["logits"] for r in out], dtype=np.float32)
+    assert np.abs(logits - torch_logits(model, photo_files)).max() <= 1e-4
+    assert [r["file"] for r in out] == list(map(str, photo_files))
+    assert len(out[0]["top"]) == 5 and out[0]["top"][0]["logit"] >= out[0]["top"][1]["logit"]
+
+
+def test_run_digits_classifies_real_scans(tmp_path):
+    model = clustervig.create_model("cvig_digits", pretrained=WEIGHTS_DIR / "cvig_digits.pth").eval()
+    export_onnx(model, tmp_path / "digits.onnx", BatchSpec(1, 16, 64))
+    _, test = digits_split()
+    files = sorted(write_image_folder(test, tmp_path / "imgs", per_class=3).rglob("*.png"))
+    res = CliRunner().invoke(run_main, [str(tmp_path / "digits.onnx"), *map(str, files), "--json", "--topk", "1"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    truth = [f.parent.name for f in files]
+    pred = [r["top"][0]["name"] for r in out]
+    assert sum(p == t for p, t in zip(pred, truth)) >= 29  # 30 held-out scans, names '0'..'9'
+    logits = np.array([r["logits"] for r in out], dtype=np.float32)
+    assert np.abs(logits - torch_logits(model, files)).max() <= 1e-4
+
+
+def test_table_output_and_labels_file(nano, photo_files, tmp_path):
+    _, d = nano
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(f"thing {i}" for i in range(1000)))
+    res = CliRunner().invoke(run_main, [str(d / "dyn.onnx"), str(photo_files[0]), "--topk", "2", "--labels", str(labels)])
+    assert res.exit_code == 0 and "thing " in res.output and res.output.count("%") == 2
+    labels.write_text("a\nb\n")
+    res = CliRunner().invoke(run_main, [str(d / "dyn.onnx"), str(photo_files[0]), "--labels", str(labels)])
+    assert res.exit_code == 1 and "has 2 names but the model has 1000 classes" in res.output
+
+
+def test_plugin_graph_runs_in_the_runtime(nano, photo_files, tmp_path):
+    import onnx
+
+    from clustervig.export.plugin_graph import to_plugin_graph
+
+    model, d = nano
+    pg, _ = to_plugin_graph(onnx.load(str(d / "dyn.onnx")))
+    onnx.save(pg, str(tmp_path / "plugins.onnx"))
+    with open_session(tmp_path / "plugins.onnx") as s:
+        out = classify_files(s, photo_files, batch=4)
+    logits = np.array([r["logits"] for r in out], dtype=np.float32)
+    assert np.abs(logits - torch_logits(model, photo_files)).max() <= 1e-4
+
+
+def test_bench_table_and_json(nano, tmp_path):
+    _, d = nano
+    js = tmp_path / "b.json"
+    res = CliRunner().invoke(bench_main, [str(d / "dyn.onnx"), "--batch", "1,2", "--iters", "3", "--warmup", "1", "--json", str(js)])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(js.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 2]
+    assert all(r["latency_ms_p50"] > 0 and r["latency_ms_p99"] >= r["latency_ms_p50"] for r in rows)
+    assert rows[1]["throughput_img_s"] == pytest.approx(2 / (rows[1]["latency_ms_p50"] / 1e3))
+    assert "p50 ms" in res.output
+    res = CliRunner().invoke(bench_main, [str(d / "static2.onnx"), "--batch", "1,2", "--iters", "2", "--warmup", "0"])
+    assert res.exit_code == 0 and "skipped batch [1]" in res.output
+
+
+def test_bad_model_files(tmp_path, nano, photo_files):
+    _, d = nano
+    cases = {
+        "missing.onnx": None,
+        "corrupt.onnx": b"this is not onnx",
+        "truncated.onnx": (d / "dyn.onnx").read_bytes()[:5000],
+        "model.xyz": b"x",
+    }
+    for name, data in cases.items():
+        if data is not None:
+            (tmp_path / name).write_bytes(data)
+        res = CliRunner().invoke(run_main, [str(tmp_path / name), str(photo_files[0])])
+        assert res.exit_code == 1, (name, res.output)
+        assert name in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt installed: tested by the trt tests")
+def test_engine_without_tensorrt_says_so(tmp_path, photo_files):
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"\x00" * 64)
+    res = CliRunner().invoke(run_main, [str(plan), str(photo_files[0])])
+    assert res.exit_code == 1 and "needs TensorRT" in res.output and "m.plan" in res.output
+
+
+def test_bad_images(tmp_path, nano, photo_files):
+    _, d = nano
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(photo_files[0].read_bytes()[:300])
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (64, 64)).save(cmyk)
+    for f, msg in [(tmp_path / "nope.png", "does not exist"), (bad, "could not be read"), (cmyk, "mode CMYK (4 channels)")]:
+        res = CliRunner().invoke(run_main, [str(d / "dyn.onnx"), str(f)])
+        assert res.exit_code == 1 and msg in res.output and str(f) in res.output, res.output
+
+
+@pytest.mark.trt
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="TensorRT is not installed on this machine")
+def test_engine_from_garbage_bytes_is_explained(tmp_path):
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"\x00" * 64)
+    with pytest.raises(RuntimeErrorWithFix, match="could not deserialize"):
+        open_session(plan)
