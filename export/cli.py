@@ -21,6 +21,7 @@ from clustervig.utils import calibrate_batchnorm
 from .fp16 import DEFAULT_FP32_ISLANDS, convert_fp16, count_precision
 from .plugin_graph import SurgeryError, to_plugin_graph
 from .onnx_export import MIN_OPSET, BatchSpec, ExportError, atomic_save, check_model, export_onnx, set_metadata
+from .triton import write_triton_repo
 from .trt_build import TensorRTUnavailable, build_command_hint, build_engine
 from .validate import validate
 
@@ -108,11 +109,13 @@ def validation_inputs(model, batch: BatchSpec, samples: int) -> Dict[str, torch.
 @click.option("--engine/--no-engine", default=True, help="Build TensorRT engines when tensorrt is importable.")
 @click.option("--workspace", type=int, default=2048, help="TensorRT workspace limit in MiB.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="TensorRT timing cache file (read and updated).")
+@click.option("--triton-repo", type=click.Path(path_type=Path), default=None,
+              help="Also write a Triton model repository (ONNX Runtime model, and the engine when built).")
 @click.option("--validate/--no-validate", default=True, help="Compare every artifact with PyTorch.")
 @click.option("--samples", type=int, default=4, help="Images per validation input set (dynamic batch).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output directory.")
 def main(model_name, checkpoint, num_classes, gcn, batch, dynamic_batch, fp16, fp16_io, fp32_islands, opset, knn,
-         capacity, normalize_in_graph, simplify, plugins, engine, workspace, timing_cache, validate, samples, out):
+         capacity, normalize_in_graph, simplify, plugins, engine, workspace, timing_cache, triton_repo, validate, samples, out):
     """Export a ClusterViG checkpoint to ONNX (FP32, optionally FP16), validate it against
     PyTorch, and build TensorRT engines where TensorRT is installed."""
     if batch is not None and dynamic_batch is not None:
@@ -229,6 +232,14 @@ def main(model_name, checkpoint, num_classes, gcn, batch, dynamic_batch, fp16, f
             report["artifacts"][name] = entry
         if precision:
             report["artifacts"]["fp16"]["precision_of_compute_ops"] = precision
+        if triton_repo is not None:
+            name = model.cfg.name
+            src = final.get("fp16", final["fp32"])
+            written = write_triton_repo(triton_repo, name, src, bspec, model.cfg.img_size, model.cfg.num_classes,
+                                        engine_path=final.get("fp16_engine", final.get("fp32_engine")),
+                                        input_dtype="float16" if (fp16 and fp16_io) else "float32")
+            report["triton_repo"] = {k: str(v) for k, v in written.items()}
+            click.echo(f"Triton repository: {triton_repo} ({', '.join(written)})", err=True)
         _write_json(out / "report.json", report)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
