@@ -1,0 +1,81 @@
+// Unit tests of the TensorRT-free runtime parts (run by ctest in CI).
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <string>
+
+#include "cvig/image.h"
+
+static int failures = 0;
+#define CHECK(cond)                                                              \
+    do {                                                                         \
+        if (!(cond)) {                                                           \
+            std::cerr << __FILE__ << ":" << __LINE__ << ": CHECK(" #cond ") failed\n"; \
+            ++failures;                                                          \
+        }                                                                        \
+    } while (0)
+
+template <typename F>
+static bool throwsWith(F f, std::string const& needle) {
+    try {
+        f();
+    } catch (std::exception const& e) {
+        return std::string(e.what()).find(needle) != std::string::npos;
+    }
+    return false;
+}
+
+int main() {
+    // topK: descending, ties to the lower index
+    float v[] = {0.5f, 2.0f, 2.0f, -1.0f, 3.0f};
+    auto t = cvig::topK(v, 5, 3);
+    CHECK(t.size() == 3 && t[0] == 4 && t[1] == 1 && t[2] == 2);
+
+    // spec parsing, as cvig-export records it
+    auto spec = cvig::parseSpec(R"({"img_size": 32, "crop_pct": 1.0, "interpolation": "bilinear",
+        "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.25, 0.5], "normalize_in_graph": false})");
+    CHECK(spec.imgSize == 32 && spec.cropPct == 1.0 && spec.interpolation == "bilinear");
+    CHECK(spec.std[1] == 0.25f && !spec.normalizeInGraph);
+    CHECK(throwsWith([] { cvig::parseSpec(R"({"interpolation": "lanczos"})"); }, "interpolation"));
+
+    // a constant image stays constant through resize + crop + normalise
+    cvig::Image img;
+    img.width = 40;
+    img.height = 30;
+    img.rgb.assign(40 * 30 * 3, 128);
+    auto chw = cvig::preprocess(img, spec);
+    CHECK(chw.size() == 3u * 32 * 32);
+    CHECK(std::fabs(chw[0] - (128 / 255.0f - 0.5f) / 0.5f) < 1e-6f);
+    CHECK(std::fabs(chw[32 * 32 + 5] - (128 / 255.0f - 0.5f) / 0.25f) < 1e-6f);
+
+    // downsampling a 2-pixel-period stripe pattern by 2 averages it (antialiasing support scaling)
+    cvig::Image stripes;
+    stripes.width = 8;
+    stripes.height = 2;
+    for (int y = 0; y < 2; ++y)
+        for (int x = 0; x < 8; ++x)
+            for (int c = 0; c < 3; ++c) stripes.rgb.push_back(x % 2 ? 200 : 0);
+    auto small = cvig::resize(stripes, 4, 2, "bilinear");
+    CHECK(small.rgb[3 * 1] == 100 && small.rgb[3 * 2] == 100);
+
+    // errors name the file
+    CHECK(throwsWith([] { cvig::loadImage("/nonexistent/x.png"); }, "/nonexistent/x.png"));
+    {
+        std::ofstream("cvig_trunc.png", std::ios::binary) << "\x89PNG\r\n\x1a\n\0\0";
+    }
+    CHECK(throwsWith([] { cvig::loadImage("cvig_trunc.png"); }, "cvig_trunc.png"));
+    {
+        std::ofstream("cvig_text.jpg") << "hello";
+    }
+    CHECK(throwsWith([] { cvig::loadImage("cvig_text.jpg"); }, "neither PNG nor JPEG"));
+    std::remove("cvig_trunc.png");
+    std::remove("cvig_text.jpg");
+
+    if (failures) {
+        std::cerr << failures << " check(s) failed\n";
+        return 1;
+    }
+    std::cout << "all runtime image checks passed\n";
+    return 0;
+}

@@ -1,0 +1,85 @@
+"""C++ runtime, TensorRT-free parts: built with CMake, unit-tested with ctest, preprocessing checked against Python."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import clustervig
+from clustervig.preprocess import load_batch, transform_spec
+
+CPP = Path(__file__).resolve().parents[1] / "runtime" / "cpp"
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    assert shutil.which("cmake"), "cmake is required (CI installs it)"
+    b = tmp_path_factory.mktemp("cpp-build")
+    cfg = subprocess.run(["cmake", "-S", str(CPP), "-B", str(b)], capture_output=True, text=True)
+    assert cfg.returncode == 0, cfg.stdout + cfg.stderr
+    r = subprocess.run(["cmake", "--build", str(b), "-j2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return b
+
+
+def test_ctest_unit_tests(build):
+    r = subprocess.run(["ctest", "--test-dir", str(build), "--output-on-failure"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "100% tests passed" in r.stdout
+
+
+@pytest.mark.parametrize("model,photo,ext", [("cvig_ti", "astronaut", "jpg"), ("cvig_ti", "coffee", "png"),
+                                             ("cvig_digits", "camera", "png"), ("cvig_ti", "camera", "jpg")])
+def test_cpp_preprocessing_matches_python(build, tmp_path, model, photo, ext):
+    from skimage import data
+
+    arr = getattr(data, photo)()
+    path = tmp_path / f"{photo}.{ext}"
+    Image.fromarray(arr).save(path)
+    spec = transform_spec(clustervig.get_config(model))
+    (tmp_path / "spec.json").write_text(json.dumps({**spec, "normalize_in_graph": False}))
+    out = tmp_path / "out.bin"
+    r = subprocess.run([str(build / "cvig_preprocess"), str(path), str(tmp_path / "spec.json"), str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    size = spec["img_size"]
+    cpp = np.fromfile(out, dtype=np.float32).reshape(3, size, size)
+    py = load_batch([path], spec)[0].numpy()
+    # one 8-bit level after normalisation is 1/255/std; PIL resamples in fixed point, we in double
+    level = 1 / 255 / min(spec["std"])
+    diff = np.abs(cpp - py)
+    assert diff.max() <= 2.01 * level and diff.mean() <= 0.25 * level
+
+
+def test_cpp_errors_name_the_file(build, tmp_path):
+    (tmp_path / "spec.json").write_text("{}")
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    r = subprocess.run([str(build / "cvig_preprocess"), str(bad), str(tmp_path / "spec.json"), str(tmp_path / "o.bin")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and str(bad) in r.stderr
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (16, 16)).save(cmyk)
+    r = subprocess.run([str(build / "cvig_preprocess"), str(cmyk), str(tmp_path / "spec.json"), str(tmp_path / "o.bin")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "4 channels" in r.stderr
+
+
+TRT_ROOTS = [p for p in os.environ.get("CVIG_TRT_HEADERS", "").split(":") if p]
+
+
+@pytest.mark.trt
+@pytest.mark.skipif(not TRT_ROOTS, reason="set CVIG_TRT_HEADERS=<root>[:<root>] to compile-check the TensorRT runner")
+@pytest.mark.parametrize("root", TRT_ROOTS or ["-"])
+def test_engine_runner_compiles_against_tensorrt_headers(tmp_path, root):
+    b = tmp_path / "b"
+    cfg = subprocess.run(["cmake", "-S", str(CPP), "-B", str(b), f"-DCVIG_TRT_ROOT={root}"], capture_output=True, text=True)
+    assert cfg.returncode == 0, cfg.stdout + cfg.stderr
+    r = subprocess.run(["cmake", "--build", str(b), "-j2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
