@@ -178,7 +178,9 @@ class DEGC(nn.Module):
         if self.gat is not None:
             z, counts = self.centroids(t, labels)
             zp = self.gat(z, counts > 0)
-            zt = torch.matmul(one_hot(labels, self.clusters, t.dtype), zp)  # z'_{label(v)}
+            # z'_{label(v)}: a row gather (own one-hot-free subgraph, so the centroid
+            # scope stays self-contained for the segment-mean plugin)
+            zt = torch.gather(zp, 1, labels.unsqueeze(-1).expand(-1, -1, zp.shape[-1]))
         return self.local(t, zt, idx=idx, valid=valid)
 
     def _forward_reference(self, t: Tensor, xn: Tensor, labels: Tensor) -> Tensor:

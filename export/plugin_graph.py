@@ -54,8 +54,10 @@ def _pick(tensors: List[str], types, elem: int, rank: int, what: str) -> str:
     return hits[0]
 
 
-# centroids stays ONNX by default: the exporter's CSE shares its one-hot with z'_{label(v)}
+# The centroid mean stays an ONNX one-hot MatMul by default (TensorRT runs it well, and
+# it keeps the CPU plugin graph bit-identical); pieces=ALL_PIECES substitutes CvigSegmentMean too.
 DEFAULT_PIECES = ("kmeans", "knn", "local/gather_max_rel")
+ALL_PIECES = ("kmeans", "knn", "centroids", "local/gather_max_rel")
 
 
 def to_plugin_graph(model: onnx.ModelProto, pieces=DEFAULT_PIECES) -> Tuple[onnx.ModelProto, SurgeryReport]:
@@ -86,9 +88,18 @@ def to_plugin_graph(model: onnx.ModelProto, pieces=DEFAULT_PIECES) -> Tuple[onnx
             if not inside_all:
                 raise SurgeryError(f"subgraph {scope} not found; was the ONNX exported by cvig-export from the static "
                                    f"form with stable names? (block {i} of {cfg.depth})")
-            # the exporter's CSE may share a scope's Constant with other code: keep those
+            # The exporter's common-subexpression pass may share a node of this scope
+            # with other code (a Constant, an Unsqueeze of the labels). Such a node is
+            # kept when it depends only on values from outside the scope.
             outside_inputs = {x for n in g.node if not n.name.startswith(scope) for x in n.input}
-            shared = [n for n in inside_all if n.op_type == "Constant" and any(o in outside_inputs for o in n.output)]
+            inside_outputs = {o for n in inside_all for o in n.output}
+            shared, shared_out = [], set()
+            for n in inside_all:
+                feeds_outside = any(o in outside_inputs for o in n.output)
+                self_contained = all(x not in inside_outputs or x in shared_out for x in n.input)
+                if feeds_outside and self_contained:
+                    shared.append(n)
+                    shared_out.update(n.output)
             inside = [n for n in inside_all if n not in shared]
             removed = {id(n) for n in inside}
             produced = {o for n in inside for o in n.output}
@@ -123,8 +134,8 @@ def to_plugin_graph(model: onnx.ModelProto, pieces=DEFAULT_PIECES) -> Tuple[onnx
                 new.append(helper.make_node("Cast", [f"{scope}labels"], [lab], name=f"{scope}labels_to_int64", to=TensorProto.INT64))
                 labels_i32 = f"{scope}labels"
             else:
-                lab_in = _pick(ext_in, types, TensorProto.INT64, 2, scope)
-                if labels_i32 is None:
+                if labels_i32 is None:  # k-means left as ONNX: cast its labels
+                    lab_in = _pick(ext_in, types, TensorProto.INT64, 2, scope)
                     labels_i32 = f"{scope}labels_i32"
                     new.append(helper.make_node("Cast", [lab_in], [labels_i32], name=f"{scope}labels_to_int32", to=TensorProto.INT32))
                 if piece == "knn":

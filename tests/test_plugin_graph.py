@@ -74,6 +74,19 @@ def test_every_grapher_is_replaced_with_parser_attributes(tmp_path):
     assert casts and all(types.get(n.input[0], onnx.TensorProto.INT32) == onnx.TensorProto.INT32 for n in casts)
 
 
+def test_all_pieces_including_segment_mean(tmp_path):
+    from clustervig.export.plugin_graph import ALL_PIECES
+
+    model, photos, g = exported(tmp_path, "cvig_ti", seed=1)
+    pg, rep = to_plugin_graph(g, pieces=ALL_PIECES)
+    assert rep.replaced["CvigSegmentMean"] == model.cfg.depth
+    assert all(f"blocks.{i}.grapher.degc/centroids/CvigSegmentMean" in {n.name for n in pg.graph.node}
+               for i in range(model.cfg.depth))
+    x = photos.numpy()
+    # numpy's and ONNX Runtime's float32 matmuls round the centroid sums differently (~1 ulp)
+    assert np.abs(ort_session(pg).run(None, {"images": x})[0] - pure_logits(tmp_path, "cvig_ti", x)).max() <= 1e-4
+
+
 def test_gin_plugin_graph_uses_validity(tmp_path):
     model, photos, g = exported(tmp_path, "cvig_nano", gcn="gin")
     pg, rep = to_plugin_graph(g)
