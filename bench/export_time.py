@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         f"calibration, FP32 export, FP16 pass, validation on photos and random inputs); {m['cpu_count']} CPU cores, "
         f"torch {m['torch']}, {m['date']}.",
         "",
-        f"| median s | min s | max s | runs | FP32 nodes | FP16 nodes |",
+        "| median s | min s | max s | runs | FP32 nodes | FP16 nodes |",
         "|---:|---:|---:|---:|---:|---:|",
         f"| {s['median_s']:.1f} | {s['min_s']:.1f} | {s['max_s']:.1f} | {s['n']} | {res['nodes'].get('fp32')} | {res['nodes'].get('fp16')} |",
         "",

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .gcn import GATv2, make_local_update, GCN_ALIASES
-from .graph import KMeans, Normalize, PartitionedKNN, SegmentMean, knn_reference, one_hot
+from .graph import KMeans, Normalize, PartitionedKNN, SegmentMean, knn_reference
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

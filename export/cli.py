@@ -23,7 +23,7 @@ from .plugin_graph import SurgeryError, to_plugin_graph
 from .onnx_export import MIN_OPSET, BatchSpec, ExportError, atomic_save, check_model, export_onnx, set_metadata
 from .triton import write_triton_repo
 from .trt_build import TensorRTUnavailable, build_command_hint, build_engine
-from .validate import validate
+from .validate import validate as run_validation  # `validate` is the --validate flag in main
 
 EXAMPLES = """
 \b
@@ -197,7 +197,7 @@ def main(model_name, checkpoint, num_classes, gcn, batch, dynamic_batch, fp16, f
         if validate:
             step += 1
             t = _step(step, n_steps, "validating against the PyTorch static form (photos + random inputs)")
-            report["validation"] = validate_all(model, artifacts, inputs)
+            report["validation"] = run_validation(model, artifacts, inputs)
             timings["validate"] = _done(t)
         step += 1
         t = _step(step, n_steps, "TensorRT engines")
@@ -245,10 +245,6 @@ def main(model_name, checkpoint, num_classes, gcn, batch, dynamic_batch, fp16, f
         shutil.rmtree(stage, ignore_errors=True)
     click.echo(summary_table(report), err=False)
     click.echo(f"report: {out / 'report.json'}")
-
-
-def validate_all(model, artifacts, inputs):
-    return validate(model, artifacts, inputs)
 
 
 def _op_counts(g: onnx.ModelProto) -> Dict[str, int]:
