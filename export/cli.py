@@ -19,11 +19,15 @@ from clustervig.preprocess import sample_photographs, transform_spec
 from clustervig.utils import calibrate_batchnorm
 
 from .fp16 import DEFAULT_FP32_ISLANDS, convert_fp16, count_precision
+from clustervig.calib import CalibrationDataError, folder_batches, image_files, load_or_collect, quantize_qdq
+
 from .plugin_graph import SurgeryError, to_plugin_graph
 from .onnx_export import MIN_OPSET, BatchSpec, ExportError, atomic_save, check_model, export_onnx, set_metadata
 from .triton import write_triton_repo
 from .trt_build import TensorRTUnavailable, build_command_hint, build_engine
 from .validate import validate as run_validation  # `validate` is the --validate flag in main
+
+MIN_CALIB_SAMPLES = 8
 
 EXAMPLES = """
 \b
@@ -96,6 +100,11 @@ def validation_inputs(model, batch: BatchSpec, samples: int) -> Dict[str, torch.
 @click.option("--fp16-io/--fp32-io", default=False, help="FP16 graph takes and returns float16.")
 @click.option("--fp32-islands", default=",".join(DEFAULT_FP32_ISLANDS),
               help="DEGC pieces kept in FP32 in the FP16 graph (norm,kmeans,knn,centroids,gat,local).")
+@click.option("--int8/--no-int8", default=False, help="Also write an INT8 Q/DQ graph calibrated on --calib-dir.")
+@click.option("--calib-dir", type=click.Path(path_type=Path), default=None, help="Folder of calibration images (JPEG/PNG).")
+@click.option("--calib-method", type=click.Choice(["entropy", "percentile", "max"]), default="entropy",
+              help="Activation range method.")
+@click.option("--calib-samples", type=int, default=64, help="Calibration images used (at least 8).")
 @click.option("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset (>= {MIN_OPSET}).")
 @click.option("--knn", type=click.Choice(["auto", "masked", "padded"]), default="auto",
               help="Static k-NN layout: masked N x N TopK, or padded partitions.")
@@ -114,7 +123,8 @@ def validation_inputs(model, batch: BatchSpec, samples: int) -> Dict[str, torch.
 @click.option("--validate/--no-validate", default=True, help="Compare every artifact with PyTorch.")
 @click.option("--samples", type=int, default=4, help="Images per validation input set (dynamic batch).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output directory.")
-def main(model_name, checkpoint, num_classes, gcn, batch, dynamic_batch, fp16, fp16_io, fp32_islands, opset, knn,
+def main(model_name, checkpoint, num_classes, gcn, batch, dynamic_batch, fp16, fp16_io, fp32_islands, int8, calib_dir,
+         calib_method, calib_samples, opset, knn,
          capacity, normalize_in_graph, simplify, plugins, engine, workspace, timing_cache, triton_repo, validate, samples, out):
     """Export a ClusterViG checkpoint to ONNX (FP32, optionally FP16), validate it against
     PyTorch, and build TensorRT engines where TensorRT is installed."""
@@ -130,9 +140,18 @@ def main(model_name, checkpoint, num_classes, gcn, batch, dynamic_batch, fp16, f
         raise click.ClickException(f"opset {opset} is too low: ClusterViG needs opset >= {MIN_OPSET} (e.g. --opset {MIN_OPSET})")
     if checkpoint is not None and not checkpoint.is_file():
         raise click.ClickException(f"checkpoint {checkpoint} does not exist (check the path)")
+    if int8 and calib_dir is None:
+        raise click.UsageError("--int8 needs --calib-dir DIR with calibration images")
+    if int8 and calib_samples < MIN_CALIB_SAMPLES:
+        raise click.UsageError(f"--calib-samples {calib_samples}: at least {MIN_CALIB_SAMPLES} are needed")
+    if int8:
+        try:
+            image_files(calib_dir)
+        except CalibrationDataError as exc:
+            raise click.ClickException(str(exc)) from None
     islands = [p for p in fp32_islands.split(",") if p]
     _check_out_dir(out)
-    n_steps = 3 + int(fp16) + int(validate) + int(plugins)
+    n_steps = 3 + int(fp16) + int(validate) + int(plugins) + int(int8)
     step = 0
     timings: Dict[str, float] = {}
     overrides = {k: v for k, v in dict(gcn=gcn, knn=knn, capacity=capacity).items() if v is not None}
@@ -171,6 +190,24 @@ def main(model_name, checkpoint, num_classes, gcn, batch, dynamic_batch, fp16, f
             precision = count_precision(g16)
             timings["export_fp16"] = _done(t, f"{len(g16.graph.node)} nodes; Conv FP16 {precision['Conv']['fp16']}, "
                                               f"MatMul FP16 {precision['MatMul']['fp16']} / FP32 {precision['MatMul']['fp32']}")
+        if int8:
+            step += 1
+            t = _step(step, n_steps, f"INT8 Q/DQ graph ({calib_method} calibration on {calib_dir})")
+            g32 = onnx.load(str(fp32_path))
+            cache = out / "calibration_cache.json"
+            spec = transform_spec(model.cfg)
+            try:
+                cal = load_or_collect(g32, lambda: folder_batches(calib_dir, spec, calib_samples, 8, MIN_CALIB_SAMPLES),
+                                      calib_method, calib_samples, cache)
+            except CalibrationDataError as exc:
+                raise click.ClickException(str(exc)) from None
+            g8 = quantize_qdq(g32, cal["ranges"])
+            set_metadata(g8, {"clustervig.precision": "int8", "clustervig.calibration": calib_method})
+            check_model(g8)
+            atomic_save(g8, stage / "model_int8.onnx")
+            artifacts["int8"] = stage / "model_int8.onnx"
+            timings["export_int8"] = _done(t, f"{len(cal['ranges'])} activation ranges"
+                                              f"{' (from cache)' if cal['cached'] else ''}")
         if plugins:
             step += 1
             t = _step(step, n_steps, "plugin graph (graph surgery by stable names)")

@@ -132,7 +132,9 @@ def compare(ref: Dict[str, np.ndarray], out: Dict[str, np.ndarray]) -> Dict:
         per = [float((ref[k] == out[k]).mean()) for k in labels]
         nb = [neighbor_agreement(ref[k.replace("labels", "neighbors")], out[k.replace("labels", "neighbors")]) for k in labels]
         res.update(label_agreement=float(np.mean(per)), label_agreement_min_block=float(min(per)),
-                   neighbor_agreement=float(np.mean(nb)), neighbor_agreement_min_block=float(min(nb)))
+                   neighbor_agreement=float(np.mean(nb)), neighbor_agreement_min_block=float(min(nb)),
+                   # per block, in order: where decisions first diverge says which precision caused it
+                   label_agreement_per_block=per, neighbor_agreement_per_block=nb)
     return res
 
 
@@ -148,7 +150,7 @@ def validate(model: ClusterViG, artifacts: Dict[str, Path], inputs: Dict[str, to
         ref = torch_outputs(model, x)
         outs = {name: r.run(x.numpy()) for name, r in runners.items()}
         results[set_name] = {f"{name} vs pytorch": compare(ref, o) for name, o in outs.items()}
-        for other in ("fp16", "plugins"):
+        for other in ("fp16", "int8", "plugins"):
             if other in outs and "fp32" in outs:
                 results[set_name][f"{other} vs fp32"] = compare(outs["fp32"], outs[other])
     return {"inputs": {k: list(v.shape) for k, v in inputs.items()}, "results": results,

@@ -1,0 +1,109 @@
+"""cvig-accuracy: top-1 of several artifacts on labelled images, side by side with their agreement.
+
+    cvig-accuracy out/model_fp32.onnx out/model_fp16.onnx out/model_int8.onnx --digits
+    cvig-accuracy out/*.onnx --folder labelled/ --checkpoint ck.pth --json acc.json
+
+Inputs: the held-out split of scikit-learn's digits (``--digits``) or a folder
+``DIR/<class index or name>/<image>``. The reference for agreement and cosine
+is the first model given (PyTorch when ``--checkpoint`` is given).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import click
+import numpy as np
+
+
+def labelled_folder(folder: Path, spec: Dict, names: List[str]) -> Tuple[np.ndarray, np.ndarray]:
+    from clustervig.preprocess import load_batch
+
+    from .data import image_files
+
+    files = image_files(folder)
+    labels = []
+    for f in files:
+        cls = f.parent.name
+        if cls in names:
+            labels.append(names.index(cls))
+        elif cls.isdigit():
+            labels.append(int(cls))
+        else:
+            raise click.ClickException(f"{f}: folder name {cls!r} is neither a class name nor an index")
+    return load_batch(files, spec).numpy(), np.asarray(labels)
+
+
+def evaluate(logits: Dict[str, np.ndarray], labels: np.ndarray) -> List[Dict]:
+    names = list(logits)
+    ref = logits[names[0]].astype(np.float64)
+    rows = []
+    for n in names:
+        lg = logits[n].astype(np.float64)
+        cos = (lg * ref).sum(1) / np.maximum(np.linalg.norm(lg, axis=1) * np.linalg.norm(ref, axis=1), 1e-30)
+        rows.append({"model": n, "top1": float((lg.argmax(1) == labels).mean()),
+                     "agreement_with_reference": float((lg.argmax(1) == ref.argmax(1)).mean()),
+                     "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "images": int(len(labels))})
+    return rows
+
+
+def table(rows: List[Dict]) -> str:
+    lines = [f"{'model':<28} {'top-1':>7} {'agree':>7} {'cos mean':>9} {'cos min':>8}"]
+    for r in rows:
+        lines.append(f"{r['model']:<28} {r['top1'] * 100:>6.2f}% {r['agreement_with_reference'] * 100:>6.2f}% "
+                     f"{r['cosine_mean']:>9.5f} {r['cosine_min']:>8.5f}")
+    return "\n".join(lines)
+
+
+def run(models: List[Path], checkpoint: Optional[Path], digits: bool, folder: Optional[Path]) -> Tuple[List[Dict], Dict]:
+    import torch
+
+    import clustervig
+    from clustervig.runtime import open_session
+
+    sessions = [open_session(m) for m in models]
+    spec = sessions[0].preprocess if sessions else None
+    cfg = sessions[0].config if sessions else None
+    model = None
+    if checkpoint is not None:
+        model = clustervig.model_from_checkpoint(checkpoint).eval()
+        spec = spec or clustervig.preprocess.transform_spec(model.cfg)
+        cfg = cfg or model.cfg.to_dict()
+    if digits:
+        from clustervig.data import digits_split
+
+        _, test = digits_split(int(spec["img_size"]), spec["mean"], spec["std"])
+        x, y = test.images.numpy(), test.labels.numpy()
+    else:
+        x, y = labelled_folder(folder, spec, list(cfg.get("class_names") or []))
+    logits: Dict[str, np.ndarray] = {}
+    if model is not None:
+        with torch.no_grad():
+            logits["pytorch"] = np.concatenate([model(torch.from_numpy(x[i : i + 64])).numpy() for i in range(0, len(x), 64)])
+    for m, s in zip(models, sessions):
+        logits[m.name] = s.infer(x)
+    return evaluate(logits, y), {"spec": spec}
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]}, help=__doc__)
+@click.argument("models", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Add the PyTorch model (first, the reference).")
+@click.option("--digits", is_flag=True, help="Use the held-out digits split (360 scans).")
+@click.option("--folder", type=click.Path(path_type=Path), default=None, help="Labelled folder DIR/<class>/<image>.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+def main(models, checkpoint, digits, folder, json_path):
+    if not models and checkpoint is None:
+        raise click.UsageError("give ONNX/engine files and/or --checkpoint")
+    if digits == (folder is not None):
+        raise click.UsageError("choose exactly one of --digits and --folder")
+    from .data import CalibrationDataError
+
+    try:
+        rows, _ = run(list(models), checkpoint, digits, folder)
+    except CalibrationDataError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(table(rows))
+    if json_path:
+        json_path.write_text(json.dumps(rows, indent=2) + "\n")

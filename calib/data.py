@@ -1,0 +1,49 @@
+"""Calibration data: an image folder or arrays, preprocessed exactly as the model expects."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Iterator, List
+
+import numpy as np
+
+from clustervig.preprocess import ImageError, load_batch
+
+EXTS = {".jpg", ".jpeg", ".png", ".bmp"}
+
+
+class CalibrationDataError(ValueError):
+    pass
+
+
+def image_files(folder: Path) -> List[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CalibrationDataError(f"calibration folder {folder} does not exist or is not a directory")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTS and p.is_file())
+    if not files:
+        raise CalibrationDataError(f"calibration folder {folder} holds no JPEG/PNG images")
+    return files
+
+
+def folder_batches(folder: Path, spec: Dict, samples: int, batch: int = 8, min_samples: int = 1) -> Iterator[np.ndarray]:
+    """Preprocessed float32 batches from up to ``samples`` images of ``folder`` (sorted, recursive)."""
+    files = image_files(folder)[:samples]
+    if len(files) < min_samples:
+        raise CalibrationDataError(f"calibration folder {folder} has {len(files)} images; at least {min_samples} are "
+                                   "needed (--calib-samples)")
+    for i in range(0, len(files), batch):
+        try:
+            yield load_batch(files[i : i + batch], spec).numpy()
+        except ImageError as exc:
+            raise CalibrationDataError(f"calibration image unusable: {exc}") from None
+
+
+def array_batches(images: np.ndarray, spec: Dict, batch: int = 8, min_samples: int = 1) -> Iterator[np.ndarray]:
+    """Batches from an already preprocessed [M, 3, S, S] array, checked against the model's size."""
+    s = int(spec["img_size"])
+    if images.ndim != 4 or images.shape[1:] != (3, s, s):
+        raise CalibrationDataError(f"calibration arrays must be [M, 3, {s}, {s}], got {list(images.shape)}")
+    if len(images) < min_samples:
+        raise CalibrationDataError(f"{len(images)} calibration samples given; at least {min_samples} are needed")
+    for i in range(0, len(images), batch):
+        yield np.ascontiguousarray(images[i : i + batch], dtype=np.float32)

@@ -1,0 +1,168 @@
+"""INT8 calibration: Q/DQ structure TensorRT accepts, measured accuracy on the trained digits model, bad inputs."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+from PIL import Image
+
+import clustervig
+from clustervig.calib import CalibrationDataError, array_batches, collect_ranges, quantize_qdq
+from clustervig.calib.accuracy import main as accuracy_main
+from clustervig.data import digits_split, write_image_folder
+from clustervig.export.cli import main as export_main
+from clustervig.export.fp16 import convert_fp16
+from clustervig.export.onnx_export import BatchSpec, export_onnx
+from clustervig.runtime import open_session
+from clustervig.train import WEIGHTS_DIR
+
+CKPT = WEIGHTS_DIR / "cvig_digits.pth"
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    d = tmp_path_factory.mktemp("digits")
+    model = clustervig.create_model("cvig_digits", pretrained=CKPT).eval()
+    export_onnx(model, d / "fp32.onnx", BatchSpec(1, 64, 512))
+    g32 = onnx.load(str(d / "fp32.onnx"))
+    onnx.save(convert_fp16(g32), str(d / "fp16.onnx"))
+    train, test = digits_split()
+    calib = train.images[:256].numpy()
+    for method in ("max", "entropy", "percentile"):
+        onnx.save(quantize_qdq(g32, collect_ranges(g32, array_batches(calib, {"img_size": 32}, 64), method)),
+                  str(d / f"int8_{method}.onnx"))
+    return d, test
+
+
+def top1(path, test):
+    with open_session(path) as s:
+        return float((s.infer(test.images.numpy()).argmax(1) == test.labels.numpy()).mean())
+
+
+def test_fp16_and_int8_accuracy_bounds(digits):
+    d, test = digits
+    acc32 = top1(d / "fp32.onnx", test)
+    assert acc32 >= 0.97
+    assert abs(top1(d / "fp16.onnx", test) - acc32) <= 0.003  # within 0.3 points
+    best = max(top1(d / f"int8_{m}.onnx", test) for m in ("max", "entropy", "percentile"))
+    assert acc32 - best <= 0.010  # best INT8 method within 1.0 point
+
+
+def test_qdq_is_symmetric_per_channel(digits):
+    d, _ = digits
+    g = onnx.load(str(d / "int8_entropy.onnx"))
+    onnx.checker.check_model(g, full_check=True)
+    inits = {t.name: numpy_helper.to_array(t) for t in g.graph.initializer}
+    convs = [n for n in g.graph.node if n.op_type == "Conv"]
+    weight_dq = {n.output[0]: n for n in g.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                 and inits[n.input[0]].ndim == 4}
+    assert convs and all(c.input[1] in weight_dq for c in convs)  # every conv weight is INT8
+    for c in convs:
+        dq = weight_dq[c.input[1]]
+        q, scale, zero = (inits[x] for x in dq.input)
+        assert q.dtype == np.int8 and q.min() >= -127 and q.max() <= 127
+        assert scale.ndim == 1 and scale.shape[0] == q.shape[0] and (scale > 0).all()  # per output channel
+        assert zero.dtype == np.int8 and not zero.any()  # symmetric
+        assert next(a.i for a in dq.attribute if a.name == "axis") == 0
+    acts = [n for n in g.graph.node if n.op_type == "QuantizeLinear"]
+    assert acts
+    for n in acts:
+        assert inits[n.input[1]].ndim == 0 and inits[n.input[1]] > 0  # per-tensor activations
+        assert inits[n.input[2]].dtype == np.int8 and inits[n.input[2]] == 0
+    # graph ops stay in float: nothing inside k-means / k-NN / normalisation is quantized
+    for n in g.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            assert not any(f"degc/{p}/" in n.name for p in ("kmeans", "knn", "norm"))
+
+
+def test_calibration_methods_differ_and_order(digits):
+    g = onnx.load(str(digits[0] / "fp32.onnx"))
+    train, _ = digits_split()
+    x = train.images[:64].numpy()
+    r = {m: collect_ranges(g, array_batches(x, {"img_size": 32}, 32), m) for m in ("max", "entropy", "percentile")}
+    name = next(iter(r["max"]))
+    assert r["percentile"][name] <= r["max"][name] and r["entropy"][name] <= r["max"][name] * (1 + 1e-6)
+    assert sum(r["percentile"][k] < r["max"][k] for k in r["max"]) > len(r["max"]) // 2
+
+
+def test_cli_int8_with_cache_and_accuracy_command(tmp_path):
+    train, _ = digits_split()
+    folder = write_image_folder(train, tmp_path / "calib", per_class=2)
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(CKPT), "--int8", "--calib-dir", str(folder), "--calib-samples", "20", "--no-validate",
+            "-o", str(out)]
+    r1 = CliRunner().invoke(export_main, args)
+    assert r1.exit_code == 0, r1.output
+    cache = json.loads((out / "calibration_cache.json").read_text())
+    assert cache["key"]["method"] == "entropy" and cache["key"]["samples"] == 20 and cache["ranges"]
+    r2 = CliRunner().invoke(export_main, args)
+    assert r2.exit_code == 0 and "(from cache)" in r2.output
+    res = CliRunner().invoke(accuracy_main, [str(out / "model_fp32.onnx"), str(out / "model_int8.onnx"), "--digits",
+                                             "--json", str(tmp_path / "acc.json")])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "acc.json").read_text())
+    assert rows[0]["top1"] >= 0.97 and rows[0]["top1"] - rows[1]["top1"] <= 0.01
+
+
+def test_calibration_on_photographs_for_cvig_ti(tmp_path):
+    from skimage import data
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, name in enumerate(["astronaut", "coffee", "chelsea", "rocket"]):
+        img = Image.fromarray(getattr(data, name)())
+        img.save(folder / f"{name}.jpg")
+        img.transpose(Image.FLIP_LEFT_RIGHT).save(folder / f"{name}_flip.png")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(export_main, ["--model", "cvig_ti", "--int8", "--calib-dir", str(folder),
+                                           "--calib-samples", "8", "--calib-method", "percentile", "--no-engine", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    # random weights make INT8 logits meaningless (k-means amplifies the rounding), so this
+    # checks the pipeline end to end, not accuracy: every Conv input got a finite range
+    r = report["validation"]["results"]["photos"]["int8 vs fp32"]
+    assert np.isfinite(r["max_abs_diff"])
+    ranges = json.loads((out / "calibration_cache.json").read_text())["ranges"]
+    from clustervig.calib import conv_activations
+
+    assert set(ranges) == set(conv_activations(onnx.load(str(out / "model_fp32.onnx"))))
+    assert all(np.isfinite(v) and v > 0 for v in ranges.values())
+    assert (out / "model_int8.onnx").stat().st_size < (out / "model_fp32.onnx").stat().st_size / 2
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "does not exist"),
+    ("empty", "holds no JPEG/PNG images"),
+    ("few", "at least 8 are needed"),
+    ("broken", "calibration image unusable"),
+])
+def test_bad_calibration_folders(tmp_path, case, message):
+    folder = tmp_path / "c"
+    if case != "missing":
+        folder.mkdir()
+    if case == "few":
+        for i in range(3):
+            Image.new("RGB", (40, 40), (i * 40, 0, 0)).save(folder / f"{i}.png")
+    if case == "broken":
+        for i in range(9):
+            Image.new("RGB", (40, 40)).save(folder / f"{i}.png")
+        (folder / "5.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(export_main, ["--checkpoint", str(CKPT), "--int8", "--calib-dir", str(folder),
+                                           "--calib-samples", "9", "--no-validate", "-o", str(out)])
+    assert res.exit_code == 1, res.output
+    assert message in res.output
+    assert not (out / "model_int8.onnx").exists() and not (out / "model_fp32.onnx").exists()
+
+
+def test_bad_calibration_arrays_and_flags(tmp_path):
+    with pytest.raises(CalibrationDataError, match=r"must be \[M, 3, 32, 32\]"):
+        list(array_batches(np.zeros((4, 3, 28, 28), np.float32), {"img_size": 32}))
+    with pytest.raises(CalibrationDataError, match="at least 8"):
+        list(array_batches(np.zeros((4, 3, 32, 32), np.float32), {"img_size": 32}, min_samples=8))
+    res = CliRunner().invoke(export_main, ["--checkpoint", str(CKPT), "--int8", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--int8 needs --calib-dir" in res.output
