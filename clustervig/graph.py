@@ -144,7 +144,9 @@ def partition_layout(labels: Tensor, k: int, capacity: int) -> Tuple[Tensor, Ten
     b, n = labels.shape
     ar = torch.arange(n, device=labels.device)
     # Stable order by (label, token index); keys are distinct, so any sort works.
-    key = labels * n + ar
+    # int32 keys and indices: the argsorts export as TopK, whose values TensorRT
+    # takes as FP32/FP16/INT32 but not INT64 (keys < clusters * N, far below 2**31)
+    key = (labels * n + ar).to(torch.int32)
     order = torch.argsort(key, dim=1)  # sorted position -> token
     onehot = one_hot(labels, k, torch.int64)
     counts = onehot.sum(dim=1)  # [B, k]
@@ -155,7 +157,7 @@ def partition_layout(labels: Tensor, k: int, capacity: int) -> Tuple[Tensor, Ten
     pos = torch.where(slot_valid, pos, torch.zeros_like(pos)).reshape(b, k * capacity)
     slot_token = torch.gather(order, 1, pos)
     # rank of each token inside its partition: its sorted position minus the start
-    inv = torch.argsort(order, dim=1)  # token -> sorted position
+    inv = torch.argsort(order.to(torch.int32), dim=1)  # token -> sorted position
     rank = inv - torch.gather(starts, 1, labels)
     overflow = rank >= capacity
     token_slot = torch.where(overflow, torch.zeros_like(rank), labels * capacity + rank)
