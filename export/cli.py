@@ -24,6 +24,7 @@ from clustervig.calib import CalibrationDataError, folder_batches, image_files, 
 from .plugin_graph import SurgeryError, to_plugin_graph
 from .onnx_export import MIN_OPSET, BatchSpec, ExportError, atomic_save, check_model, export_onnx, set_metadata
 from .triton import write_triton_repo
+from .trt_compat import tensorrt_op_issues
 from .trt_build import TensorRTUnavailable, build_command_hint, build_engine
 from .validate import validate as run_validation  # `validate` is the --validate flag in main
 
@@ -79,7 +80,9 @@ def build_model(model_name: Optional[str], checkpoint: Optional[Path], num_class
 
 
 def validation_inputs(model, batch: BatchSpec, samples: int) -> Dict[str, torch.Tensor]:
-    n = batch.opt if not batch.dynamic else min(max(samples, batch.min), batch.max)
+    # a static-batch graph is validated b images at a time on the smallest multiple of b
+    # holding `samples` images: batch 1 must not mean one validation image
+    n = batch.opt * -(-samples // batch.opt) if not batch.dynamic else min(max(samples, batch.min), batch.max)
     photos = sample_photographs(transform_spec(model.cfg))
     reps = -(-n // len(photos))
     g = torch.Generator().manual_seed(0)
@@ -117,6 +120,8 @@ def validation_inputs(model, batch: BatchSpec, samples: int) -> Dict[str, torch.
               help="Also write model_plugins.onnx: k-means, k-NN and gather-max-rel of every DEGC as TensorRT plugin nodes.")
 @click.option("--engine/--no-engine", default=True, help="Build TensorRT engines when tensorrt is importable.")
 @click.option("--workspace", type=int, default=2048, help="TensorRT workspace limit in MiB.")
+@click.option("--tf32/--no-tf32", default=False,
+              help="Let TensorRT run FP32 layers in TF32 (10-bit mantissa inputs); off keeps the FP32 islands FP32.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="TensorRT timing cache file (read and updated).")
 @click.option("--triton-repo", type=click.Path(path_type=Path), default=None,
               help="Also write a Triton model repository (ONNX Runtime model, and the engine when built).")
@@ -125,7 +130,7 @@ def validation_inputs(model, batch: BatchSpec, samples: int) -> Dict[str, torch.
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output directory.")
 def main(model_name, checkpoint, num_classes, gcn, batch, dynamic_batch, fp16, fp16_io, fp32_islands, int8, calib_dir,
          calib_method, calib_samples, opset, knn,
-         capacity, normalize_in_graph, simplify, plugins, engine, workspace, timing_cache, triton_repo, validate, samples, out):
+         capacity, normalize_in_graph, simplify, plugins, engine, workspace, tf32, timing_cache, triton_repo, validate, samples, out):
     """Export a ClusterViG checkpoint to ONNX (FP32, optionally FP16), validate it against
     PyTorch, and build TensorRT engines where TensorRT is installed."""
     if batch is not None and dynamic_batch is not None:
@@ -163,7 +168,9 @@ def main(model_name, checkpoint, num_classes, gcn, batch, dynamic_batch, fp16, f
     if checkpoint is None:
         click.secho("WARNING: no --checkpoint: exporting RANDOM weights (BatchNorm statistics calibrated on sample "
                     "photographs so the numbers are meaningful). Do not deploy this model.", fg="yellow", err=True)
-        calibrate_batchnorm(model, [inputs["photos"]])
+        # all sample photographs, whatever the batch: statistics of a single image
+        # zero the head's BatchNorm (one pooled vector has no variance) and the logits with it
+        calibrate_batchnorm(model, [sample_photographs(transform_spec(model.cfg))])
     timings["build_model"] = _done(t, f"{model.cfg.name}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params")
 
     stage = Path(tempfile.mkdtemp(prefix=".cvig-export-", dir=out))
@@ -245,11 +252,11 @@ def main(model_name, checkpoint, num_classes, gcn, batch, dynamic_batch, fp16, f
                     continue  # needs libcvig_plugins.so: trtexec --dynamicPlugins (plugins/README.md)
                 plan = stage / f"model_{name}.plan"
                 try:
-                    build_engine(path, plan, bspec, model.cfg.img_size, workspace, timing_cache)
+                    build_engine(path, plan, bspec, model.cfg.img_size, workspace, timing_cache, tf32=tf32)
                     engines[name] = plan
                 except TensorRTUnavailable:
                     click.echo(f"      TensorRT is not installed here: the ONNX artifacts are ready in {out}/. "
-                               f"To build an engine: {build_command_hint(out / path.name, out / plan.name, bspec, model.cfg.img_size)}", err=True)
+                               f"To build an engine: {build_command_hint(out / path.name, out / plan.name, bspec, model.cfg.img_size, tf32)}", err=True)
                     break
         else:
             click.echo("      skipped (--no-engine)", err=True)
@@ -266,6 +273,9 @@ def main(model_name, checkpoint, num_classes, gcn, batch, dynamic_batch, fp16, f
                 g = onnx.load(str(dest), load_external_data=False)
                 entry["nodes"] = len(g.graph.node)
                 entry["op_counts"] = _op_counts(g)
+                entry["tensorrt_op_issues"] = tensorrt_op_issues(g)
+                for line in entry["tensorrt_op_issues"]:
+                    click.secho(f"WARNING: {dest.name}: TensorRT will reject {line}", fg="yellow", err=True)
             report["artifacts"][name] = entry
         if precision:
             report["artifacts"]["fp16"]["precision_of_compute_ops"] = precision
@@ -303,12 +313,12 @@ def summary_table(report: Dict) -> str:
         lines.append(f"{name:<12} {a.get('nodes', '-'):>7} {a['bytes'] / 2**20:>8.2f}")
     val = report.get("validation")
     if val:
-        lines += ["", f"{'inputs':<8} {'comparison':<18} {'max|Δ|':>9} {'cos min':>9} {'top1':>6} {'labels':>7} {'neighb.':>7}"]
+        lines += ["", f"{'inputs':<8} {'comparison':<22} {'max|Δ|':>9} {'cos min':>9} {'top1':>6} {'labels':>7} {'neighb.':>7}"]
         for set_name, res in val["results"].items():
             for cmp_name, r in res.items():
-                lab = f"{r['label_agreement'] * 100:6.1f}%" if "label_agreement" in r else "      -"
-                nb = f"{r['neighbor_agreement'] * 100:6.1f}%" if "neighbor_agreement" in r else "      -"
-                lines.append(f"{set_name:<8} {cmp_name:<18} {r['max_abs_diff']:>9.2e} {r['cosine_min']:>9.6f} "
+                lab = f"{r['label_agreement'] * 100:6.2f}%" if "label_agreement" in r else "      -"
+                nb = f"{r['neighbor_agreement'] * 100:6.2f}%" if "neighbor_agreement" in r else "      -"
+                lines.append(f"{set_name:<8} {cmp_name:<22} {r['max_abs_diff']:>9.2e} {r['cosine_min']:>9.6f} "
                              f"{r['top1_agreement'] * 100:>5.0f}% {lab} {nb}")
     t = report["timings_s"]
     lines.append("")

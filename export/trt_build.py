@@ -25,19 +25,19 @@ def tensorrt_module():
     return trt
 
 
-def build_command_hint(onnx_path: Path, engine_path: Path, batch, img_size: int) -> str:
+def build_command_hint(onnx_path: Path, engine_path: Path, batch, img_size: int, tf32: bool = False) -> str:
     shapes = ""
     if batch.dynamic:
         hw = f"3x{img_size}x{img_size}"
         shapes = (f" --minShapes=images:{batch.min}x{hw} --optShapes=images:{batch.opt}x{hw}"
                   f" --maxShapes=images:{batch.max}x{hw}")
     return (f"cvig-export ... --engine on a machine with TensorRT, or: trtexec --onnx={onnx_path} "
-            f"--saveEngine={engine_path} --stronglyTyped{shapes}")
+            f"--saveEngine={engine_path} --stronglyTyped{'' if tf32 else ' --noTF32'}{shapes}")
 
 
 def build_engine(onnx_path: Path, engine_path: Path, batch, img_size: int, workspace_mib: int = 2048,
                  timing_cache: Optional[Path] = None, plugin_library: Optional[Path] = None,
-                 opt_level: int = 3) -> Path:
+                 opt_level: int = 3, tf32: bool = False) -> Path:
     """Parse ``onnx_path`` into a strongly typed network and write a serialized engine atomically."""
     trt = tensorrt_module()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -56,6 +56,11 @@ def build_engine(onnx_path: Path, engine_path: Path, batch, img_size: int, works
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
     config.builder_optimization_level = opt_level
+    if not tf32:
+        # TF32 (on by default in 10.x and 11.x) rounds FP32 matmul inputs to a 10-bit
+        # mantissa, FP16's: the FP32 islands (k-means distances, k-NN similarity) would
+        # flip the labels they exist to protect
+        config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
     shape = lambda b: (b, 3, img_size, img_size)  # noqa: E731
     profile.set_shape("images", shape(batch.min), shape(batch.opt), shape(batch.max))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import onnx
@@ -18,6 +18,7 @@ from onnx import helper
 
 from clustervig.model import ClusterViG
 
+from .fp16_emulate import emulate_fp16
 from .onnx_export import INPUT
 
 
@@ -65,11 +66,15 @@ def with_debug_outputs(model: onnx.ModelProto, names: List[str]) -> onnx.ModelPr
 class OrtModel:
     """An ONNX file in ONNX Runtime (CPU) that also returns every DEGC's labels and neighbours."""
 
-    def __init__(self, path: Path, with_graph_outputs: bool = True) -> None:
+    def __init__(self, path: Union[Path, onnx.ModelProto], with_graph_outputs: bool = True) -> None:
         import onnxruntime as ort
 
-        self.path = Path(path)
-        model = onnx.load(str(path))
+        if isinstance(path, onnx.ModelProto):  # an in-memory graph, e.g. the FP16 emulation
+            self.path, model = None, path
+        else:
+            self.path, model = Path(path), onnx.load(str(path))
+        dim0 = model.graph.input[0].type.tensor_type.shape.dim[0]
+        self.static_batch = dim0.dim_value or None  # None: dynamic batch
         self.boundaries = degc_boundary_tensors(model) if with_graph_outputs else {}
         extra = [t for pair in self.boundaries.values() for t in pair]
         if extra:
@@ -85,6 +90,12 @@ class OrtModel:
         self.input_type = np.float16 if "float16" in self.session.get_inputs()[0].type else np.float32
 
     def run(self, x: np.ndarray) -> Dict[str, np.ndarray]:
+        b = self.static_batch
+        if b and x.shape[0] != b:  # a static-batch graph sees the inputs b at a time
+            if x.shape[0] % b:
+                raise ValueError(f"{x.shape[0]} inputs do not split into batches of {b}")
+            parts = [self.run(x[i:i + b]) for i in range(0, x.shape[0], b)]
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         outs = self.session.run(None, {INPUT: x.astype(self.input_type)})
         res = {"logits": outs[0].astype(np.float32)}
         for i, pre in enumerate(self.boundaries):
@@ -139,18 +150,22 @@ def compare(ref: Dict[str, np.ndarray], out: Dict[str, np.ndarray]) -> Dict:
 
 
 def validate(model: ClusterViG, artifacts: Dict[str, Path], inputs: Dict[str, torch.Tensor],
-             batch_limit: Optional[int] = None) -> Dict:
+             batch_limit: Optional[int] = None, emulate_fp16_rounding: bool = True) -> Dict:
     """Compare every artifact with PyTorch (and FP16 with FP32) on every named input set."""
     t0 = time.perf_counter()
     runners = {name: OrtModel(path) for name, path in artifacts.items()}
+    if emulate_fp16_rounding and "fp16" in runners:
+        # ONNX Runtime's CPU provider runs most of an FP16 graph in FP32 (see
+        # fp16_emulate): the emulation shows the FP16 error a GPU would see
+        runners["fp16-emulated"] = OrtModel(emulate_fp16(onnx.load(str(artifacts["fp16"]))))
     results: Dict = {}
     for set_name, x in inputs.items():
         if batch_limit:
             x = x[:batch_limit]
         ref = torch_outputs(model, x)
         outs = {name: r.run(x.numpy()) for name, r in runners.items()}
-        results[set_name] = {f"{name} vs pytorch": compare(ref, o) for name, o in outs.items()}
-        for other in ("fp16", "int8", "plugins"):
+        results[set_name] = {f"{name} vs pytorch": compare(ref, o) for name, o in outs.items() if name != "fp16-emulated"}
+        for other in ("fp16", "fp16-emulated", "int8", "plugins"):
             if other in outs and "fp32" in outs:
                 results[set_name][f"{other} vs fp32"] = compare(outs["fp32"], outs[other])
     return {"inputs": {k: list(v.shape) for k, v in inputs.items()}, "results": results,

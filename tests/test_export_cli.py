@@ -48,7 +48,14 @@ def test_export_writes_artifacts_and_report(exported):
     assert report["artifacts"]["fp32"]["nodes"] > 1000 and report["artifacts"]["fp32"]["bytes"] > 0
     assert set(report["timings_s"]) >= {"export_fp32", "export_fp16", "validate"}
     assert "TensorRT is not installed here" in res.output and "trtexec --onnx=" in res.output
+    assert "--noTF32" in res.output  # FP32 islands must not silently run in TF32
     assert "fp32 vs pytorch" in res.output  # summary table printed
+    # FP16 error as a GPU would see it (per-op rounding), next to ONNX Runtime's own FP16 run
+    emu = val["photos"]["fp16-emulated vs fp32"]
+    assert 0.0 <= emu["label_agreement"] <= 1.0 and len(emu["label_agreement_per_block"]) == 3
+    assert emu["max_abs_diff"] > 0.0
+    for name in ("fp32", "fp16"):
+        assert report["artifacts"][name]["tensorrt_op_issues"] == []
 
 
 def test_export_from_digits_checkpoint_without_model_name(tmp_path):
@@ -59,6 +66,23 @@ def test_export_from_digits_checkpoint_without_model_name(tmp_path):
     assert [d.dim_value for d in g.graph.input[0].type.tensor_type.shape.dim] == [4, 3, 32, 32]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["model"]["class_names"] == [str(i) for i in range(10)]
+
+
+def test_static_batch_1_random_weights_validate_on_every_photo(tmp_path):
+    # batch 1 once meant BatchNorm calibrated on one image (head BN variance 0,
+    # logits all ~0, cosine meaningless) and validation on that single image
+    res = CliRunner().invoke(export_main, ["--model", "cvig_nano", "--batch", "1", "--no-engine", "-o", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["validation"]["inputs"]["photos"][0] == 4
+    r = report["validation"]["results"]["photos"]["fp32 vs pytorch"]
+    assert r["cosine_min"] >= 0.999 and r["top1_agreement"] == 1.0
+    # and the logits are not degenerate: a model calibrated on one image gives ~0 logits
+    import onnxruntime as ort
+    photos = sample_photographs(transform_spec(clustervig.get_config("cvig_nano")))
+    sess = ort.InferenceSession(str(tmp_path / "model_fp32.onnx"), providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {"images": photos[:1].numpy()})[0]
+    assert logits.std() > 0.05, logits.std()
 
 
 def test_random_weights_are_loudly_warned(tmp_path):

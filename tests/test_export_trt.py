@@ -21,6 +21,9 @@ def test_build_without_tensorrt_says_so(tmp_path):
 def test_build_hint_names_shapes():
     hint = build_command_hint("out/m.onnx", "out/m.plan", BatchSpec(1, 8, 32), 224)
     assert "--stronglyTyped" in hint and "--minShapes=images:1x3x224x224" in hint and "--maxShapes=images:32x3x224x224" in hint
+    # TF32 is on by default in TensorRT: FP32 islands need it off, unless asked for
+    assert "--noTF32" in hint
+    assert "--noTF32" not in build_command_hint("out/m.onnx", "out/m.plan", BatchSpec(1, 1, 1), 224, tf32=True)
 
 
 @pytest.mark.trt
