@@ -96,6 +96,7 @@ def validation_inputs(model, batch: BatchSpec, samples: int) -> Dict[str, torch.
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Weights (.pth). Absent: random weights, BN calibrated on sample photos - loudly warned.")
 @click.option("--num-classes", type=int, default=None, help="Classifier outputs (default: the variant's).")
+@click.option("--seed", type=int, default=0, help="Seed of the random weights when there is no --checkpoint (reproducible demos and benchmarks).")
 @click.option("--gcn", type=click.Choice(["mr", "edge", "sage", "gin"]), default=None, help="Local update (default: the variant's).")
 @click.option("--batch", type=int, default=None, help="Static batch size (default 1).")
 @click.option("--dynamic-batch", default=None, metavar="MIN:OPT:MAX", help="Dynamic batch range, e.g. 1:8:32.")
@@ -128,7 +129,7 @@ def validation_inputs(model, batch: BatchSpec, samples: int) -> Dict[str, torch.
 @click.option("--validate/--no-validate", default=True, help="Compare every artifact with PyTorch.")
 @click.option("--samples", type=int, default=4, help="Images per validation input set (dynamic batch).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output directory.")
-def main(model_name, checkpoint, num_classes, gcn, batch, dynamic_batch, fp16, fp16_io, fp32_islands, int8, calib_dir,
+def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, fp16, fp16_io, fp32_islands, int8, calib_dir,
          calib_method, calib_samples, opset, knn,
          capacity, normalize_in_graph, simplify, plugins, engine, workspace, tf32, timing_cache, triton_repo, validate, samples, out):
     """Export a ClusterViG checkpoint to ONNX (FP32, optionally FP16), validate it against
@@ -163,6 +164,7 @@ def main(model_name, checkpoint, num_classes, gcn, batch, dynamic_batch, fp16, f
 
     step += 1
     t = _step(step, n_steps, f"building {model_name or 'model from checkpoint'}" + (f" from {checkpoint}" if checkpoint else ""))
+    torch.manual_seed(seed)
     model = build_model(model_name, checkpoint, num_classes, overrides).eval()
     inputs = validation_inputs(model, bspec, samples)
     if checkpoint is None:
@@ -230,6 +232,7 @@ def main(model_name, checkpoint, num_classes, gcn, batch, dynamic_batch, fp16, f
             "model": model.cfg.to_dict(),
             "checkpoint": str(checkpoint) if checkpoint else None,
             "random_weights": checkpoint is None,
+            "seed": seed if checkpoint is None else None,
             "batch": str(bspec),
             "opset": opset,
             "fp32_islands": islands if fp16 else None,

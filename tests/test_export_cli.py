@@ -92,6 +92,18 @@ def test_random_weights_are_loudly_warned(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["random_weights"] is True
 
 
+def test_random_weights_are_reproducible_by_seed(tmp_path):
+    def weights(seed, d):
+        res = CliRunner().invoke(export_main, ["--model", "cvig_nano", "--seed", str(seed), "--no-validate",
+                                               "--no-engine", "-o", str(tmp_path / d)])
+        assert res.exit_code == 0, res.output
+        g = onnx.load(str(tmp_path / d / "model_fp32.onnx"))
+        return {t.name: numpy_helper.to_array(t) for t in g.graph.initializer}
+    a, b, c = weights(3, "a"), weights(3, "b"), weights(4, "c")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert any(a[k].shape == c[k].shape and not (a[k] == c[k]).all() for k in a)
+
+
 @pytest.mark.parametrize(
     "args,code,message",
     [
