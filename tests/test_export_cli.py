@@ -8,6 +8,7 @@ import sys
 
 import onnx
 import pytest
+import torch
 from click.testing import CliRunner
 from onnx import numpy_helper
 
@@ -22,6 +23,10 @@ from clustervig.utils import calibrate_batchnorm
 
 @pytest.fixture(scope="module")
 def nano_ckpt(tmp_path_factory):
+    # seeded: whether a k-means/k-NN decision of a random draw sits within float
+    # rounding of a tie (and flips between PyTorch and ORT) depends on the draw,
+    # and the global RNG state here depends on which tests ran before
+    torch.manual_seed(0)
     model = clustervig.create_model("cvig_nano")
     calibrate_batchnorm(model, [sample_photographs(transform_spec(model.cfg))])
     return save_checkpoint(model, tmp_path_factory.mktemp("ck") / "nano.pth")
