@@ -22,7 +22,7 @@ from .fp16 import DEFAULT_FP32_ISLANDS, convert_fp16, count_precision
 from clustervig.calib import CalibrationDataError, folder_batches, image_files, load_or_collect, quantize_qdq
 
 from .plugin_graph import SurgeryError, to_plugin_graph
-from .onnx_export import MIN_OPSET, BatchSpec, ExportError, atomic_save, check_model, export_onnx, set_metadata
+from .onnx_export import MIN_OPSET, BatchSpec, ExportError, atomic_save, check_model, export_onnx, get_metadata, set_metadata
 from .triton import write_triton_repo
 from .trt_compat import tensorrt_op_issues
 from .trt_build import TensorRTUnavailable, build_command_hint, build_engine
@@ -40,8 +40,10 @@ Examples:
 
 \b
 Writes into OUT: model_fp32.onnx, model_fp16.onnx (with --fp16), model_*.plan
-(with TensorRT), report.json. Files appear only when the whole export
-succeeded (they are staged in a temporary folder first).
+(with TensorRT), report.json, and for runtimes without ONNX: preprocess.json,
+labels.txt (class names; ImageNet-1k for 1000 classes) and model_*.json (the
+ONNX metadata, read by cvig-run beside model_*.plan). Files appear only when
+the whole export succeeded (they are staged in a temporary folder first).
 """
 
 
@@ -264,8 +266,11 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
         else:
             click.echo("      skipped (--no-engine)", err=True)
         timings["engines"] = _done(t)
+        sidecars = write_sidecars(stage, model.cfg, artifacts)
         # publish: everything or nothing
         final = {}
+        for path in sidecars:
+            os.replace(path, out / path.name)
         for name, path in {**artifacts, **{f"{k}_engine": v for k, v in engines.items()}}.items():
             dest = out / path.name
             os.replace(path, dest)
@@ -290,6 +295,7 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
                                         input_dtype="float16" if (fp16 and fp16_io) else "float32")
             report["triton_repo"] = {k: str(v) for k, v in written.items()}
             click.echo(f"Triton repository: {triton_repo} ({', '.join(written)})", err=True)
+        report["sidecars"] = [p.name for p in sidecars]
         _write_json(out / "report.json", report)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -302,6 +308,31 @@ def _op_counts(g: onnx.ModelProto) -> Dict[str, int]:
     for n in g.graph.node:
         counts[n.op_type] = counts.get(n.op_type, 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def write_sidecars(stage: Path, cfg, artifacts: Dict[str, Path]) -> List[Path]:
+    """Files a runtime without ONNX needs beside the engines: ``preprocess.json`` (the flat spec
+    cvig_infer and cvig-run read), ``labels.txt`` (recorded class names, or the ImageNet-1k names
+    for a 1000-class model) and ``model_<precision>.json`` (the ONNX metadata, found by
+    TrtSession next to ``model_<precision>.plan`` however the engine was built)."""
+    from clustervig.runtime.classify import imagenet1k_names
+
+    written = []
+    metas = {name: get_metadata(onnx.load(str(path), load_external_data=False)) for name, path in artifacts.items()}
+    first = next(iter(metas.values()))
+    pre = stage / "preprocess.json"
+    _write_json(pre, json.loads(first["clustervig.preprocess"]))
+    written.append(pre)
+    names = list(cfg.class_names) if cfg.class_names else (imagenet1k_names() if cfg.num_classes == 1000 else None)
+    if names:
+        labels = stage / "labels.txt"
+        labels.write_text("\n".join(names) + "\n")
+        written.append(labels)
+    for name, meta in metas.items():
+        side = stage / f"model_{name}.json"
+        _write_json(side, meta)
+        written.append(side)
+    return written
 
 
 def _write_json(path: Path, obj) -> None:

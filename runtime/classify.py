@@ -11,8 +11,19 @@ from clustervig.preprocess import load_batch
 from .session import Session
 
 
+def imagenet1k_names() -> List[str]:
+    """The 1,000 ILSVRC-2012 class names in the standard index order (0 = tench ... 999 = toilet tissue)."""
+    from importlib import resources
+
+    text = resources.files("clustervig").joinpath("labels/imagenet1k.txt").read_text()
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    assert len(names) == 1000, f"clustervig/labels/imagenet1k.txt has {len(names)} names, expected 1000"
+    return names
+
+
 def class_names(session: Session, labels_file: Optional[Path] = None) -> List[str]:
-    """Names from ``labels_file`` (one per line), else the recorded ones, else ``class_<i>``."""
+    """Names from ``labels_file`` (one per line), else the recorded ones, else the ImageNet-1k names for a
+    1000-class model, else ``class_<i>``."""
     n = int(session.config.get("num_classes", 0))
     if labels_file is not None:
         names = [line.strip() for line in Path(labels_file).read_text().splitlines() if line.strip()]
@@ -22,6 +33,8 @@ def class_names(session: Session, labels_file: Optional[Path] = None) -> List[st
     recorded = session.config.get("class_names")
     if recorded:
         return list(recorded)
+    if n == 1000:
+        return imagenet1k_names()
     return [f"class_{i}" for i in range(n)]
 
 

@@ -18,9 +18,12 @@ from .session import RuntimeErrorWithFix, open_session
 CTX = {"help_option_names": ["-h", "--help"], "show_default": True}
 
 
-def _open(model: Path, provider: str, plugins_lib):
+def _open(model: Path, provider: str, plugins_lib, cuda_graph: bool = False):
+    if cuda_graph and model.suffix == ".onnx":
+        raise click.UsageError("--cuda-graph applies to TensorRT engines (.plan/.engine), not to ONNX files")
     try:
-        return open_session(model, providers=None if provider == "cpu" else [provider], plugin_library=plugins_lib)
+        return open_session(model, providers=None if provider == "cpu" else [provider], plugin_library=plugins_lib,
+                            cuda_graph=cuda_graph)
     except RuntimeErrorWithFix as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -31,6 +34,7 @@ Examples:
   cvig-run out/model_fp32.onnx photo1.jpg photo2.png
   cvig-run out/model_fp16.onnx images/*.jpg --topk 3 --batch 16 --json
   cvig-run out/model_fp16.plan photo.jpg --plugins-lib build/plugins/libcvig_plugins.so
+  cvig-run out/model_fp16.plan photo.jpg --cuda-graph     # preprocess.json / model_fp16.json read from out/
 """)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
@@ -38,12 +42,14 @@ Examples:
 @click.option("--batch", type=int, default=8, help="Images per inference call.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (with the full logits) instead of a table.")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Class names, one per line (default: recorded at export, else class_<i>).")
+              help="Class names, one per line (default: recorded at export, else the ImageNet-1k names for a "
+                   "1000-class model, else class_<i>).")
 @click.option("--provider", default="cpu", help="ONNX Runtime provider, e.g. CUDAExecutionProvider.")
 @click.option("--plugins-lib", type=click.Path(path_type=Path), default=None, help="libcvig_plugins.so for engines with plugins.")
-def run_main(model, images, topk, batch, as_json, labels, provider, plugins_lib):
+@click.option("--cuda-graph", is_flag=True, help="TensorRT: capture each input shape into a CUDA graph and replay it.")
+def run_main(model, images, topk, batch, as_json, labels, provider, plugins_lib, cuda_graph):
     """Classify IMAGES (JPEG/PNG) with MODEL (.onnx or .plan/.engine), using the preprocessing recorded at export."""
-    with _open(model, provider, plugins_lib) as sess:
+    with _open(model, provider, plugins_lib, cuda_graph) as sess:
         try:
             names = class_names(sess, labels)
             results = classify_files(sess, list(images), batch=batch, topk=topk, names=names)
@@ -94,6 +100,7 @@ def bench_table(model: Path, rows: List[dict]) -> str:
 Examples:
   cvig-bench out/model_fp32.onnx --batch 1,8,32
   cvig-bench out/model_fp16.onnx --batch 1,16 --iters 50 --json bench.json
+  cvig-bench out/model_fp16.plan --batch 1,8,32 --cuda-graph
 """)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--batch", "batches", default="1,8,32", help="Comma-separated batch sizes (Table VI layout).")
@@ -102,13 +109,14 @@ Examples:
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the rows as JSON.")
 @click.option("--provider", default="cpu", help="ONNX Runtime provider.")
 @click.option("--plugins-lib", type=click.Path(path_type=Path), default=None)
-def bench_main(model, batches, warmup, iters, json_path, provider, plugins_lib):
+@click.option("--cuda-graph", is_flag=True, help="TensorRT: capture each input shape into a CUDA graph and replay it.")
+def bench_main(model, batches, warmup, iters, json_path, provider, plugins_lib, cuda_graph):
     """Latency percentiles and throughput of MODEL per batch size, like the paper's Table VI."""
     try:
         bs = [int(b) for b in batches.split(",")]
     except ValueError:
         raise click.UsageError(f"--batch {batches!r}: give comma-separated integers, e.g. 1,8,32") from None
-    with _open(model, provider, plugins_lib) as sess:
+    with _open(model, provider, plugins_lib, cuda_graph) as sess:
         rows = bench(sess, bs, warmup, iters)
     skipped = sorted(set(bs) - {r["batch"] for r in rows})
     if skipped:

@@ -107,31 +107,91 @@ class OrtSession(Session):
         return np.concatenate(out)
 
 
+def _cuda_check(result, what: str):
+    """cuda-python returns (error, *values): raise on error, return the values."""
+    from cuda.bindings import runtime as cudart
+
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if err != cudart.cudaError_t.cudaSuccess:
+        _, name = cudart.cudaGetErrorName(err)
+        raise RuntimeErrorWithFix(f"CUDA error in {what}: {name.decode() if isinstance(name, bytes) else name}")
+    return values[0] if len(values) == 1 else values
+
+
+class _PinnedBuffer:
+    """Page-locked host memory + device memory of the same size, grown on demand."""
+
+    def __init__(self) -> None:
+        self.nbytes = 0
+        self.host = 0
+        self.device = 0
+
+    def ensure(self, nbytes: int) -> bool:
+        """Make room for ``nbytes``; True when the buffers moved (captured CUDA graphs are then stale)."""
+        from cuda.bindings import runtime as cudart
+
+        if nbytes <= self.nbytes:
+            return False
+        self.free()
+        self.host = _cuda_check(cudart.cudaMallocHost(nbytes), "cudaMallocHost")
+        self.device = _cuda_check(cudart.cudaMalloc(nbytes), "cudaMalloc")
+        self.nbytes = nbytes
+        return True
+
+    def host_array(self, shape, dtype) -> np.ndarray:
+        import ctypes
+
+        count = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        buf = (ctypes.c_byte * count).from_address(int(self.host))
+        return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def free(self) -> None:
+        from cuda.bindings import runtime as cudart
+
+        if self.host:
+            cudart.cudaFreeHost(self.host)
+        if self.device:
+            cudart.cudaFree(self.device)
+        self.nbytes, self.host, self.device = 0, 0, 0
+
+
 class TrtSession(Session):
-    """A serialized TensorRT engine (10.3+ / 11.x API), with cuda-python for memory and streams.
+    """A serialized TensorRT engine (10.3+ / 11.x API), with cuda-python for memory, streams and graphs.
 
     cuda-python is NVIDIA's official binding of the CUDA runtime; it adds no
     framework dependency (unlike PyTorch or CuPy) and exposes streams,
     pinned host memory and graphs one to one.
+
+    One CUDA stream per session; input and output live in pinned host buffers
+    mirrored by device buffers (grown to the largest batch seen), so copies
+    are truly asynchronous. With ``cuda_graph=True`` the enqueue for each
+    input shape is captured once into a CUDA graph and replayed (TensorRT
+    kernels launch with no per-call CPU overhead); a new shape or a buffer
+    reallocation captures again.
     """
 
-    def __init__(self, path: Path, plugin_library: Optional[Path] = None) -> None:
+    def __init__(self, path: Path, plugin_library: Optional[Path] = None, cuda_graph: bool = False) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise RuntimeErrorWithFix(f"engine {self.path} does not exist")
+        if plugin_library is not None and not Path(plugin_library).is_file():
+            raise RuntimeErrorWithFix(f"plugin library {plugin_library} does not exist: build it with "
+                                      "cmake -S plugins -B build/plugins -DCVIG_TRT_ROOT=... (plugins/README.md)")
         try:
             import tensorrt as trt
-            from cuda.bindings import runtime as cudart  # noqa: F401
+            from cuda.bindings import runtime as cudart
         except ImportError as exc:
             raise RuntimeErrorWithFix(f"running {self.path} needs TensorRT and cuda-python ({exc.name} is not installed); "
                                       "on a machine without them run the ONNX file instead") from None
         self.trt = trt
+        self.cuda_graph = cuda_graph
         logger = trt.Logger(trt.Logger.WARNING)
         if plugin_library is not None:
-            if not Path(plugin_library).is_file():
-                raise RuntimeErrorWithFix(f"plugin library {plugin_library} does not exist: build it with "
-                                          "cmake -S plugins -B build/plugins -DCVIG_TRT_ROOT=...")
-            trt.get_plugin_registry().load_library(str(plugin_library))
+            try:
+                trt.get_plugin_registry().load_library(str(plugin_library))
+            except Exception as exc:
+                raise RuntimeErrorWithFix(f"TensorRT {trt.__version__} cannot load the plugin library {plugin_library} "
+                                          f"({exc}); rebuild it against this TensorRT (CVIG_TRT_ROOT)") from None
         runtime = trt.Runtime(logger)
         engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
         if engine is None:
@@ -139,48 +199,109 @@ class TrtSession(Session):
                 f"TensorRT {trt.__version__} could not deserialize {self.path}: it is corrupt, was built by another "
                 "TensorRT version, or needs the plugin library (pass plugin_library=/--plugins-lib); rebuild the engine "
                 "on this machine with cvig-export --engine")
-        self.engine = engine
+        self._runtime, self.engine = runtime, engine
         self.context = engine.create_execution_context()
-        self.metadata = {}
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.input_name = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         self.output_name = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-        meta = self.path.with_suffix(".json")
-        if meta.is_file():  # cvig-export writes the ONNX metadata next to the engine
-            self.metadata = json.loads(meta.read_text())
+        self.max_batch = int(engine.get_tensor_profile_shape(self.input_name, 0)[2][0])
+        self.metadata = {}
+        for side in (self.path.with_suffix(".json"), self.path.parent / "preprocess.json"):
+            if side.is_file():  # cvig-export writes model_<precision>.json and preprocess.json beside the engines
+                data = json.loads(side.read_text())
+                self.metadata = data if side.name != "preprocess.json" else {"clustervig.preprocess": json.dumps(data)}
+                break
+        self._stream = _cuda_check(cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self._in, self._out = _PinnedBuffer(), _PinnedBuffer()
+        self._graphs: Dict[tuple, object] = {}
+
+    def _dtype(self, name: str):
+        return np.float16 if self.engine.get_tensor_dtype(name) == self.trt.DataType.HALF else np.float32
 
     def infer(self, images: np.ndarray) -> np.ndarray:
         from cuda.bindings import runtime as cudart
 
-        trt = self.trt
-        x = np.ascontiguousarray(images, dtype=np.float16 if self.engine.get_tensor_dtype(self.input_name) == trt.DataType.HALF else np.float32)
-        self.context.set_input_shape(self.input_name, x.shape)
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise RuntimeErrorWithFix(f"{self.path} takes [B, 3, H, W] images, got shape {tuple(images.shape)}")
+        if images.shape[0] > self.max_batch:
+            return np.concatenate([self.infer(images[i : i + self.max_batch])
+                                   for i in range(0, len(images), self.max_batch)])
+        x = np.ascontiguousarray(images, dtype=self._dtype(self.input_name))
+        shape = tuple(x.shape)
+        if not self.context.set_input_shape(self.input_name, shape):
+            raise RuntimeErrorWithFix(f"{self.path}: input shape {shape} is outside the engine's optimization profile "
+                                      f"{tuple(tuple(s) for s in self.engine.get_tensor_profile_shape(self.input_name, 0))}")
         out_shape = tuple(self.context.get_tensor_shape(self.output_name))
-        out_dtype = np.float16 if self.engine.get_tensor_dtype(self.output_name) == trt.DataType.HALF else np.float32
-        out = np.empty(out_shape, dtype=out_dtype)
-        _, stream = cudart.cudaStreamCreate()
-        _, d_in = cudart.cudaMallocAsync(x.nbytes, stream)
-        _, d_out = cudart.cudaMallocAsync(out.nbytes, stream)
+        out_dtype = self._dtype(self.output_name)
+        out_bytes = int(np.prod(out_shape)) * np.dtype(out_dtype).itemsize
+        moved = self._in.ensure(x.nbytes) | self._out.ensure(out_bytes)
+        if moved:
+            self._drop_graphs()
+        self._in.host_array(shape, x.dtype)[...] = x
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        _cuda_check(cudart.cudaMemcpyAsync(self._in.device, self._in.host, x.nbytes, h2d, self._stream), "input copy")
+        self.context.set_tensor_address(self.input_name, int(self._in.device))
+        self.context.set_tensor_address(self.output_name, int(self._out.device))
+        if self.cuda_graph:
+            graph = self._graphs.get(shape)
+            if graph is None:
+                graph = self._graphs[shape] = self._capture()
+            _cuda_check(cudart.cudaGraphLaunch(graph, self._stream), "cudaGraphLaunch")
+        elif not self.context.execute_async_v3(self._stream):
+            raise RuntimeErrorWithFix(f"TensorRT execution of {self.path} failed (see the TensorRT log above)")
+        _cuda_check(cudart.cudaMemcpyAsync(self._out.host, self._out.device, out_bytes, d2h, self._stream), "output copy")
+        _cuda_check(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+        return self._out.host_array(out_shape, out_dtype).astype(np.float32)  # a copy: the pinned buffer is reused
+
+    def _capture(self):
+        """Capture one enqueue of the current shape into an executable CUDA graph."""
+        from cuda.bindings import runtime as cudart
+
+        # a first enqueue outside capture lets TensorRT finish shape-dependent setup and lazy allocations
+        if not self.context.execute_async_v3(self._stream):
+            raise RuntimeErrorWithFix(f"TensorRT execution of {self.path} failed before CUDA graph capture")
+        _cuda_check(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        _cuda_check(cudart.cudaStreamBeginCapture(self._stream, mode), "cudaStreamBeginCapture")
+        ok = self.context.execute_async_v3(self._stream)
+        graph = _cuda_check(cudart.cudaStreamEndCapture(self._stream), "cudaStreamEndCapture")
+        if not ok:
+            raise RuntimeErrorWithFix(f"{self.path}: enqueue failed during CUDA graph capture; run without cuda_graph")
+        exe = _cuda_check(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        cudart.cudaGraphDestroy(graph)
+        return exe
+
+    def _drop_graphs(self) -> None:
+        from cuda.bindings import runtime as cudart
+
+        for exe in self._graphs.values():
+            cudart.cudaGraphExecDestroy(exe)
+        self._graphs.clear()
+
+    def close(self) -> None:
+        if getattr(self, "_stream", None) is None:
+            return
+        from cuda.bindings import runtime as cudart
+
+        cudart.cudaStreamSynchronize(self._stream)
+        self._drop_graphs()
+        self._in.free()
+        self._out.free()
+        cudart.cudaStreamDestroy(self._stream)
+        self._stream = None
+
+    def __del__(self):
         try:
-            cudart.cudaMemcpyAsync(d_in, x.ctypes.data, x.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream)
-            self.context.set_tensor_address(self.input_name, d_in)
-            self.context.set_tensor_address(self.output_name, d_out)
-            if not self.context.execute_async_v3(stream):
-                raise RuntimeErrorWithFix(f"TensorRT execution of {self.path} failed")
-            cudart.cudaMemcpyAsync(out.ctypes.data, d_out, out.nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream)
-            cudart.cudaStreamSynchronize(stream)
-        finally:
-            cudart.cudaFreeAsync(d_in, stream)
-            cudart.cudaFreeAsync(d_out, stream)
-            cudart.cudaStreamSynchronize(stream)
-            cudart.cudaStreamDestroy(stream)
-        return out.astype(np.float32)
+            self.close()
+        except Exception:
+            pass
 
 
-def open_session(path, providers: Optional[Sequence[str]] = None, plugin_library: Optional[Path] = None) -> Session:
+def open_session(path, providers: Optional[Sequence[str]] = None, plugin_library: Optional[Path] = None,
+                 cuda_graph: bool = False) -> Session:
     path = Path(path)
     if path.suffix in (".plan", ".engine", ".trt"):
-        return TrtSession(path, plugin_library)
+        return TrtSession(path, plugin_library, cuda_graph)
     if path.suffix == ".onnx":
         return OrtSession(path, providers)
     raise RuntimeErrorWithFix(f"{path}: unknown model type '{path.suffix}'; give an .onnx file or a .plan/.engine")

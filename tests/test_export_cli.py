@@ -42,8 +42,19 @@ def exported(tmp_path_factory, nano_ckpt):
 
 def test_export_writes_artifacts_and_report(exported):
     out, res = exported
-    assert sorted(p.name for p in out.iterdir()) == ["model_fp16.onnx", "model_fp32.onnx", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["labels.txt", "model_fp16.json", "model_fp16.onnx", "model_fp32.json",
+                                                     "model_fp32.onnx", "preprocess.json", "report.json"]
     report = json.loads((out / "report.json").read_text())
+    # sidecars for runtimes that do not read ONNX: flat preprocessing spec, class names, metadata per precision
+    cfg = clustervig.get_config("cvig_nano")
+    assert json.loads((out / "preprocess.json").read_text()) == {**transform_spec(cfg), "normalize_in_graph": False}
+    labels = (out / "labels.txt").read_text().splitlines()
+    assert len(labels) == 1000 and labels[0] == "tench" and labels[207] == "golden retriever"
+    for name in ("fp32", "fp16"):
+        meta = {p.key: p.value for p in onnx.load(str(out / f"model_{name}.onnx")).metadata_props}
+        assert json.loads((out / f"model_{name}.json").read_text()) == meta
+        assert meta["clustervig.precision"] == name
+    assert sorted(report["sidecars"]) == ["labels.txt", "model_fp16.json", "model_fp32.json", "preprocess.json"]
     val = report["validation"]["results"]
     assert val["photos"]["fp32 vs pytorch"]["max_abs_diff"] <= 1e-4
     assert val["photos"]["fp32 vs pytorch"]["top1_agreement"] == 1.0
@@ -71,6 +82,8 @@ def test_export_from_digits_checkpoint_without_model_name(tmp_path):
     assert [d.dim_value for d in g.graph.input[0].type.tensor_type.shape.dim] == [4, 3, 32, 32]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["model"]["class_names"] == [str(i) for i in range(10)]
+    assert (tmp_path / "labels.txt").read_text().split() == [str(i) for i in range(10)]
+    assert json.loads((tmp_path / "preprocess.json").read_text())["img_size"] == 32
 
 
 def test_static_batch_1_random_weights_validate_on_every_photo(tmp_path):

@@ -15,6 +15,7 @@ from clustervig.data import digits_split, write_image_folder
 from clustervig.export.onnx_export import BatchSpec, export_onnx
 from clustervig.preprocess import load_batch, transform_spec
 from clustervig.runtime import RuntimeErrorWithFix, classify_files, open_session
+from clustervig.runtime.classify import class_names
 from clustervig.runtime.cli import bench_main, run_main
 from clustervig.train import WEIGHTS_DIR
 from clustervig.utils import calibrate_batchnorm
@@ -89,6 +90,19 @@ def test_table_output_and_labels_file(nano, photo_files, tmp_path):
     assert res.exit_code == 1 and "has 2 names but the model has 1000 classes" in res.output
 
 
+def test_imagenet_names_for_a_1000_class_model(nano, photo_files):
+    _, d = nano
+    with open_session(d / "dyn.onnx") as s:
+        assert s.config["num_classes"] == 1000 and not s.config.get("class_names")
+        names = class_names(s)
+    # the ILSVRC-2012 index order (synsets sorted by WordNet id)
+    assert len(names) == 1000 and len(set(names)) == 998  # "crane" (134, 517) and "maillot" (638, 639) repeat
+    assert (names[0], names[1], names[207], names[281], names[409], names[999]) == (
+        "tench", "goldfish", "golden retriever", "tabby", "analog clock", "toilet tissue")
+    res = CliRunner().invoke(run_main, [str(d / "dyn.onnx"), str(photo_files[0]), "--topk", "1", "--json"])
+    assert json.loads(res.output)[0]["top"][0]["name"] in names
+
+
 def test_plugin_graph_runs_in_the_runtime(nano, photo_files, tmp_path):
     import onnx
 
@@ -141,6 +155,16 @@ def test_engine_without_tensorrt_says_so(tmp_path, photo_files):
     assert res.exit_code == 1 and "needs TensorRT" in res.output and "m.plan" in res.output
 
 
+def test_missing_plugin_library_and_cuda_graph_misuse(tmp_path, nano, photo_files):
+    _, d = nano
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"\x00" * 64)
+    res = CliRunner().invoke(run_main, [str(plan), str(photo_files[0]), "--plugins-lib", str(tmp_path / "libnope.so")])
+    assert res.exit_code == 1 and "libnope.so does not exist" in res.output and "cmake -S plugins" in res.output
+    res = CliRunner().invoke(run_main, [str(d / "dyn.onnx"), str(photo_files[0]), "--cuda-graph"])
+    assert res.exit_code == 2 and "--cuda-graph applies to TensorRT engines" in res.output
+
+
 def test_bad_images(tmp_path, nano, photo_files):
     _, d = nano
     bad = tmp_path / "broken.jpg"
@@ -159,3 +183,44 @@ def test_engine_from_garbage_bytes_is_explained(tmp_path):
     plan.write_bytes(b"\x00" * 64)
     with pytest.raises(RuntimeErrorWithFix, match="could not deserialize"):
         open_session(plan)
+
+
+@pytest.fixture(scope="module")
+def nano_engine(nano, tmp_path_factory):
+    from clustervig.export.trt_build import build_engine
+
+    _, d = nano
+    out = tmp_path_factory.mktemp("engine")
+    plan = build_engine(d / "dyn.onnx", out / "model_fp32.plan", BatchSpec(1, 2, 8), 224)
+    meta = {p.key: p.value for p in __import__("onnx").load(str(d / "dyn.onnx")).metadata_props}
+    (out / "model_fp32.json").write_text(json.dumps(meta))
+    return plan
+
+
+@pytest.mark.trt
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="TensorRT is not installed on this machine")
+def test_engine_logits_equal_onnx_with_and_without_cuda_graphs(nano, nano_engine, photo_files):
+    model, d = nano
+    ref = torch_logits(model, photo_files)
+    for graph in (False, True):
+        with open_session(nano_engine, cuda_graph=graph) as s:
+            assert s.preprocess["img_size"] == 224  # read from model_fp32.json beside the engine
+            for _ in range(2):  # the second call replays the captured graph
+                out = np.array([r["logits"] for r in classify_files(s, photo_files, batch=3)], np.float32)
+                assert np.abs(out - ref).max() <= 1e-3
+
+
+@pytest.mark.trt
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="TensorRT is not installed on this machine")
+def test_engine_bad_inputs(nano_engine, tmp_path):
+    trunc = tmp_path / "trunc.plan"
+    trunc.write_bytes(nano_engine.read_bytes()[:4096])
+    with pytest.raises(RuntimeErrorWithFix, match="could not deserialize"):
+        open_session(trunc)
+    with open_session(nano_engine) as s:
+        with pytest.raises(RuntimeErrorWithFix, match=r"takes \[B, 3, H, W\]"):
+            s.infer(np.zeros((1, 4, 224, 224), np.float32))
+        with pytest.raises(RuntimeErrorWithFix, match="outside the engine's optimization profile"):
+            s.infer(np.zeros((1, 3, 200, 200), np.float32))
+        big = s.infer(np.zeros((11, 3, 224, 224), np.float32))  # > profile max 8: run in chunks
+        assert big.shape == (11, 1000)

@@ -57,6 +57,33 @@ def test_cpp_preprocessing_matches_python(build, tmp_path, model, photo, ext):
     assert diff.max() <= 2.01 * level and diff.mean() <= 0.25 * level
 
 
+def test_cpp_reads_the_preprocess_json_cvig_export_writes(build, tmp_path):
+    from click.testing import CliRunner
+    from skimage import data
+
+    from clustervig.export.cli import main as export_main
+    from clustervig.train import WEIGHTS_DIR
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(export_main, ["--checkpoint", str(WEIGHTS_DIR / "cvig_digits.pth"), "--no-validate",
+                                           "--no-engine", "--normalize-in-graph", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    path = tmp_path / "coffee.png"
+    Image.fromarray(data.coffee()).save(path)
+    r = subprocess.run([str(build / "cvig_preprocess"), str(path), str(out / "preprocess.json"), str(tmp_path / "x.bin")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    spec = json.loads((out / "preprocess.json").read_text())
+    assert spec["normalize_in_graph"] is True and spec["img_size"] == 32
+    cpp = np.fromfile(tmp_path / "x.bin", dtype=np.float32).reshape(3, 32, 32)
+    # normalize_in_graph: C++ emits RGB in [0, 1], as the Python runtime feeds such a graph
+    mean = np.asarray(spec["mean"], np.float32).reshape(3, 1, 1)
+    std = np.asarray(spec["std"], np.float32).reshape(3, 1, 1)
+    py = load_batch([path], spec)[0].numpy() * std + mean
+    assert 0.0 <= cpp.min() and cpp.max() <= 1.0
+    assert np.abs(cpp - py).max() <= 2.01 / 255
+
+
 def test_cpp_errors_name_the_file(build, tmp_path):
     (tmp_path / "spec.json").write_text("{}")
     bad = tmp_path / "bad.jpg"

@@ -123,6 +123,26 @@ protected:
     IntFields mFields;
 };
 
+// Plugins that take float tokens at input 0 and int32 everywhere else (labels in, indices/flags out):
+// k-means and partitioned k-NN share these type and format rules.
+template <typename Derived>
+class IndexPlugin : public PluginBase<Derived> {
+public:
+    using PluginBase<Derived>::PluginBase;
+
+    int32_t getOutputDataTypes(nvinfer1::DataType* out, int32_t nbOutputs, nvinfer1::DataType const*,
+                               int32_t) const noexcept override {
+        if (nbOutputs != Derived::kNbOutputs) return -1;
+        for (int32_t i = 0; i < nbOutputs; ++i) out[i] = nvinfer1::DataType::kINT32;
+        return 0;
+    }
+    bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* io, int32_t,
+                                   int32_t) noexcept override {
+        if (io[pos].desc.format != nvinfer1::TensorFormat::kLINEAR) return false;
+        return pos == 0 ? isFloat(io[0].desc.type) : io[pos].desc.type == nvinfer1::DataType::kINT32;
+    }
+};
+
 // One creator template for all plugins.
 template <typename Plugin>
 class Creator : public nvinfer1::IPluginCreatorV3One {

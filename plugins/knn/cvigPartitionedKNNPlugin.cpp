@@ -4,21 +4,15 @@
 
 namespace cvig {
 
-class PartitionedKNNPlugin : public PluginBase<PartitionedKNNPlugin> {
+class PartitionedKNNPlugin : public IndexPlugin<PartitionedKNNPlugin> {
 public:
     static constexpr char const* kName = "CvigPartitionedKNN";
     static constexpr int32_t kNbInputs = 2;
     static constexpr int32_t kNbOutputs = 2;
     static IntFields defaults() { return IntFields({{"k", 9}}); }
     static bool valid(IntFields const& f) { return f.get("k") >= 1 && f.get("k") <= CVIG_MAX_K; }
-    explicit PartitionedKNNPlugin(IntFields f) : PluginBase(std::move(f)) {}
+    explicit PartitionedKNNPlugin(IntFields f) : IndexPlugin(std::move(f)) {}
 
-    int32_t getOutputDataTypes(nvinfer1::DataType* out, int32_t nbOutputs, nvinfer1::DataType const*,
-                               int32_t) const noexcept override {
-        if (nbOutputs != kNbOutputs) return -1;
-        out[0] = out[1] = nvinfer1::DataType::kINT32;
-        return 0;
-    }
     int32_t getOutputShapes(nvinfer1::DimsExprs const* in, int32_t nbInputs, nvinfer1::DimsExprs const*, int32_t,
                             nvinfer1::DimsExprs* out, int32_t nbOutputs, nvinfer1::IExprBuilder& eb) noexcept override {
         if (nbInputs != kNbInputs || nbOutputs != kNbOutputs || in[0].nbDims != 3) return -1;
@@ -29,11 +23,6 @@ public:
             out[o].d[2] = eb.constant(attr("k"));
         }
         return 0;
-    }
-    bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* io, int32_t,
-                                   int32_t) noexcept override {
-        if (io[pos].desc.format != nvinfer1::TensorFormat::kLINEAR) return false;
-        return pos == 0 ? isFloat(io[0].desc.type) : io[pos].desc.type == nvinfer1::DataType::kINT32;
     }
     int32_t enqueue(nvinfer1::PluginTensorDesc const* inDesc, nvinfer1::PluginTensorDesc const*,
                     void const* const* inputs, void* const* outputs, void*, cudaStream_t stream) noexcept override {

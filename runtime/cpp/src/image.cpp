@@ -5,6 +5,7 @@
 #include <csetjmp>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <numeric>
@@ -270,6 +271,27 @@ PreprocessSpec parseSpec(std::string const& json) {
     if (spec.interpolation != "bilinear" && spec.interpolation != "bicubic")
         throw std::invalid_argument("preprocess JSON: interpolation must be bilinear or bicubic");
     return spec;
+}
+
+std::vector<std::string> loadLabels(std::string const& path, int expected) {
+    std::ifstream f(path);
+    if (!f) throw std::runtime_error("labels file " + path + " cannot be opened");
+    std::vector<std::string> names;
+    std::string line;
+    while (std::getline(f, line)) {
+        while (!line.empty() && (line.back() == '\r' || line.back() == ' ' || line.back() == '\t')) line.pop_back();
+        size_t b = line.find_first_not_of(" \t");
+        if (b != std::string::npos) names.push_back(line.substr(b));
+    }
+    if (expected > 0 && static_cast<int>(names.size()) != expected)
+        throw std::runtime_error("labels file " + path + " has " + std::to_string(names.size()) + " names but the model has " +
+                                 std::to_string(expected) + " classes; pass the labels.txt cvig-export wrote for this model");
+    return names;
+}
+
+std::string dirName(std::string const& path) {
+    size_t slash = path.find_last_of('/');
+    return slash == std::string::npos ? std::string() : path.substr(0, slash + 1);
 }
 
 std::vector<int> topK(float const* values, int n, int k) {

@@ -39,6 +39,17 @@ int main() {
     CHECK(spec.std[1] == 0.25f && !spec.normalizeInGraph);
     CHECK(throwsWith([] { cvig::parseSpec(R"({"interpolation": "lanczos"})"); }, "interpolation"));
 
+    // labels files as cvig-export writes them (CRLF and blank lines tolerated), count checked
+    {
+        std::ofstream("cvig_labels.txt") << "tench\r\n\n  goldfish \ngreat white shark\n";
+        auto names = cvig::loadLabels("cvig_labels.txt", 3);
+        CHECK(names.size() == 3 && names[0] == "tench" && names[1] == "goldfish" && names[2] == "great white shark");
+        CHECK(throwsWith([] { cvig::loadLabels("cvig_labels.txt", 1000); }, "has 3 names but the model has 1000"));
+        CHECK(throwsWith([] { cvig::loadLabels("/nonexistent/labels.txt"); }, "/nonexistent/labels.txt"));
+        CHECK(cvig::dirName("out/model_fp16.plan") == "out/" && cvig::dirName("model.plan").empty());
+        std::remove("cvig_labels.txt");
+    }
+
     // a constant image stays constant through resize + crop + normalise
     cvig::Image img;
     img.width = 40;

@@ -40,6 +40,13 @@ std::vector<float> preprocess(Image const& img, PreprocessSpec const& spec);
 // Resample an RGB image to (outW, outH) with PIL-style antialiasing filters; results rounded to 8 bits per pass.
 Image resize(Image const& img, int outW, int outH, std::string const& filter);
 
+// Class names, one per line (blank lines skipped); throws std::runtime_error naming the file when it cannot be
+// read or when expected > 0 and the count differs.
+std::vector<std::string> loadLabels(std::string const& path, int expected = 0);
+
+// Directory part of a path ("" when none), for finding preprocess.json / labels.txt beside an engine.
+std::string dirName(std::string const& path);
+
 // Indices of the k largest values, ties to the lower index.
 std::vector<int> topK(float const* values, int n, int k);
 
