@@ -165,6 +165,25 @@ def test_missing_plugin_library_and_cuda_graph_misuse(tmp_path, nano, photo_file
     assert res.exit_code == 2 and "--cuda-graph applies to TensorRT engines" in res.output
 
 
+def test_cuda_errors_are_named_and_pinned_views_are_exact():
+    # the TensorRT session's CUDA plumbing, with cuda-python's real enums (no GPU needed)
+    from cuda.bindings import runtime as cudart
+
+    from clustervig.runtime.session import _cuda_check, _PinnedBuffer
+
+    assert _cuda_check((cudart.cudaError_t.cudaSuccess, 7), "x") == 7
+    with pytest.raises(RuntimeErrorWithFix, match="CUDA error in cudaMallocHost: cudaErrorMemoryAllocation"):
+        _cuda_check((cudart.cudaError_t.cudaErrorMemoryAllocation, None), "cudaMallocHost")
+    backing = np.arange(24, dtype=np.float32)
+    buf = _PinnedBuffer()
+    buf.host = backing.ctypes.data  # stand-in for cudaMallocHost memory: host_array is a view, not a copy
+    view = buf.host_array((2, 3, 4), np.float32)
+    assert np.array_equal(view.ravel(), backing)
+    view[1, 2, 3] = -1.0
+    assert backing[23] == -1.0
+    buf.host = 0
+
+
 def test_bad_images(tmp_path, nano, photo_files):
     _, d = nano
     bad = tmp_path / "broken.jpg"
