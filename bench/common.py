@@ -1,6 +1,7 @@
 """Shared benchmark plumbing: machine description, timing, results files, BENCHMARKS.md sections."""
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -8,11 +9,42 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+
+
+def configure(results_dir: Optional[Path] = None, markdown_path: Optional[Path] = None) -> None:
+    """Send results and BENCHMARKS.md elsewhere (tests, quick runs); None keeps the repository paths."""
+    global RESULTS, BENCHMARKS_MD
+    RESULTS = Path(results_dir) if results_dir is not None else ROOT / "bench" / "results"
+    BENCHMARKS_MD = Path(markdown_path) if markdown_path is not None else ROOT / "BENCHMARKS.md"
+
+
+def parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def ints(text: str) -> List[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"expected comma-separated integers, got {text!r}") from None
+
+
+def publish(json_name: str, section: str, res: Dict, markdown: Callable[[Dict], str]) -> Path:
+    """Write bench/results/<json_name>.json and the section of BENCHMARKS.md; print where."""
+    path = write_json(json_name, res)
+    update_section(section, markdown(res))
+    print(f"wrote {path} and the '{section}' section of {BENCHMARKS_MD}")
+    return path
+
+
+def ms(s: Dict) -> str:
+    """A summary as 'median (min–max)' in milliseconds."""
+    return f"{s['median_s'] * 1e3:.1f} ({s['min_s'] * 1e3:.1f}–{s['max_s'] * 1e3:.1f})"
 
 
 def machine() -> Dict:

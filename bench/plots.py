@@ -1,0 +1,167 @@
+"""PNG plots of the suite's JSON results (matplotlib, no display needed).
+
+    python -m bench.plots            # redraw from bench/results/*.json
+
+* speed_vs_batch.png — whole-model throughput vs batch, ClusterViG (solid) vs ViG baseline (dashed), per backend;
+* graph_time_vs_n.png — one graph construction's time vs tokens N (log-log), PyTorch and ONNX Runtime;
+* memory_vs_n.png — peak memory growth of one graph construction vs N, with the similarity tensor's size;
+* tokens_vs_n.png — whole-model latency at batch 1 vs N: masked and padded ClusterViG vs ViG baseline.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from . import common
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, name: str) -> Path:
+    common.RESULTS.mkdir(parents=True, exist_ok=True)
+    path = common.RESULTS / name
+    tmp = path.with_name(f".{name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    tmp.replace(path)
+    return path
+
+
+def speed_vs_batch(models: Dict) -> Optional[Path]:
+    rows = models.get("throughput") or []
+    if not rows:
+        return None
+    plt = _plt()
+    sizes = list(dict.fromkeys(r["size"] for r in rows))
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    colors = {b: plt.cm.tab10(i) for i, b in enumerate(backends)}
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.2), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        for bk in backends:
+            for fam, style in (("cvig", "-"), ("vig", "--")):
+                pts = sorted((r["batch"], r["throughput_img_s"]) for r in rows
+                             if r["size"] == size and r["backend"] == bk and r["family"] == fam)
+                if pts:
+                    ax.plot(*zip(*pts), style, marker="o", color=colors[bk], label=f"{fam}_{size} {bk}")
+        ax.set_xscale("log", base=2)
+        ticks = sorted({r["batch"] for r in rows})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_xlabel("batch")
+        ax.set_ylabel("images / s")
+        ax.set_title(f"{size}: ClusterViG (solid) vs ViG baseline (dashed)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    return _save(fig, "speed_vs_batch.png")
+
+
+def _graph_rows(graph: Dict) -> List[Dict]:
+    return [r for r in graph.get("rows", []) if "method" in r]
+
+
+def graph_time_vs_n(graph: Dict) -> Optional[Path]:
+    rows = _graph_rows(graph)
+    if not rows:
+        return None
+    plt = _plt()
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    fig, axes = plt.subplots(1, len(backends), figsize=(6 * len(backends), 4.2), squeeze=False)
+    for ax, bk in zip(axes[0], backends):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            pts = sorted((r["tokens"], r["median_s"] * 1e3) for r in rows if r["backend"] == bk and r["method"] == method)
+            ax.plot(*zip(*pts), "--" if method == "vig-full" else "-", marker="o", label=method)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens N")
+        ax.set_ylabel("ms per graph construction (batch %d)" % graph.get("batch", 0))
+        ax.set_title(f"graph construction, {bk}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    return _save(fig, "graph_time_vs_n.png")
+
+
+def memory_vs_n(graph: Dict) -> Optional[Path]:
+    rows = [r for r in _graph_rows(graph) if r.get("peak_rss_growth_mib") is not None]
+    if not rows:
+        return None
+    plt = _plt()
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    fig, axes = plt.subplots(1, len(backends), figsize=(6 * len(backends), 4.2), squeeze=False)
+    for ax, bk in zip(axes[0], backends):
+        for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+            sel = sorted((r["tokens"], r["peak_rss_growth_mib"], r["similarity_mib"]) for r in rows
+                         if r["backend"] == bk and r["method"] == method)
+            n, peak, sim = zip(*sel)
+            color = plt.cm.tab10(i)
+            ax.plot(n, [max(p, 0.1) for p in peak], "-", marker="o", color=color, label=f"{method} peak RSS growth")
+            ax.plot(n, sim, ":", color=color, label=f"{method} similarity tensor")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens N")
+        ax.set_ylabel("MiB")
+        ax.set_title(f"graph construction memory, {bk}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=6)
+    return _save(fig, "memory_vs_n.png")
+
+
+def tokens_vs_n(models: Dict) -> Optional[Path]:
+    rows = models.get("tokens") or []
+    if not rows:
+        return None
+    plt = _plt()
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    fig, axes = plt.subplots(1, len(backends), figsize=(6 * len(backends), 4.2), squeeze=False)
+    for ax, bk in zip(axes[0], backends):
+        for model in dict.fromkeys(r["model"] for r in rows):
+            pts = sorted((r["tokens"], r["median_s"] * 1e3) for r in rows if r["backend"] == bk and r["model"] == model)
+            ax.plot(*zip(*pts), "--" if model.startswith("vig") else "-", marker="o", label=model)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens N")
+        ax.set_ylabel("ms per image (batch 1)")
+        ax.set_title(f"whole model vs tokens, {bk}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    return _save(fig, "tokens_vs_n.png")
+
+
+def draw_all(models: Optional[Dict], graph: Optional[Dict]) -> List[Path]:
+    out = []
+    if models:
+        out += [speed_vs_batch(models), tokens_vs_n(models)]
+    if graph:
+        out += [graph_time_vs_n(graph), memory_vs_n(graph)]
+    return [p for p in out if p is not None]
+
+
+def load(name: str) -> Optional[Dict]:
+    path = common.RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def markdown(paths: List[Path]) -> str:
+    rel = lambda p: p.relative_to(common.BENCHMARKS_MD.parent) if p.is_relative_to(common.BENCHMARKS_MD.parent) else p  # noqa: E731
+    lines = ["## Plots", "", "`python -m bench.plots` (also run by `python -m bench`), from the JSON results.", ""]
+    lines += [f"![{p.stem}]({rel(p)})" for p in paths]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = common.parser("python -m bench.plots", __doc__)
+    ap.parse_args(argv)
+    paths = draw_all(load("models_cpu"), load("graph_construction_cpu"))
+    common.update_section("plots", markdown(paths))
+    for p in paths:
+        print(f"wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
