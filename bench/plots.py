@@ -65,25 +65,39 @@ def _graph_rows(graph: Dict) -> List[Dict]:
     return [r for r in graph.get("rows", []) if "method" in r]
 
 
-def graph_time_vs_n(graph: Dict) -> Optional[Path]:
-    rows = _graph_rows(graph)
-    if not rows:
-        return None
+def _loglog_per_backend(rows: List[Dict], name: str, title: str, ylabel: str, draw, legend: int = 8) -> Path:
+    """One log-log panel per backend; ``draw(ax, backend_rows)`` plots the lines of a panel."""
     plt = _plt()
     backends = list(dict.fromkeys(r["backend"] for r in rows))
     fig, axes = plt.subplots(1, len(backends), figsize=(6 * len(backends), 4.2), squeeze=False)
     for ax, bk in zip(axes[0], backends):
-        for method in dict.fromkeys(r["method"] for r in rows):
-            pts = sorted((r["tokens"], r["median_s"] * 1e3) for r in rows if r["backend"] == bk and r["method"] == method)
-            ax.plot(*zip(*pts), "--" if method == "vig-full" else "-", marker="o", label=method)
+        draw(ax, [r for r in rows if r["backend"] == bk])
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ns = sorted({r["tokens"] for r in rows})
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.xaxis.set_minor_locator(_plt().NullLocator())
         ax.set_xlabel("tokens N")
-        ax.set_ylabel("ms per graph construction (batch %d)" % graph.get("batch", 0))
-        ax.set_title(f"graph construction, {bk}")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title}, {bk}")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    return _save(fig, "graph_time_vs_n.png")
+        ax.legend(fontsize=legend)
+    return _save(fig, name)
+
+
+def _lines(ax, rows: List[Dict], key: str, dashed_if) -> None:
+    for label in dict.fromkeys(r[key] for r in rows):
+        pts = sorted((r["tokens"], r["median_s"] * 1e3) for r in rows if r[key] == label)
+        ax.plot(*zip(*pts), "--" if dashed_if(label) else "-", marker="o", label=label)
+
+
+def graph_time_vs_n(graph: Dict) -> Optional[Path]:
+    rows = _graph_rows(graph)
+    if not rows:
+        return None
+    return _loglog_per_backend(rows, "graph_time_vs_n.png", "graph construction",
+                               "ms per graph construction (batch %d)" % graph.get("batch", 0),
+                               lambda ax, sel: _lines(ax, sel, "method", lambda m: m == "vig-full"))
 
 
 def memory_vs_n(graph: Dict) -> Optional[Path]:
@@ -91,45 +105,24 @@ def memory_vs_n(graph: Dict) -> Optional[Path]:
     if not rows:
         return None
     plt = _plt()
-    backends = list(dict.fromkeys(r["backend"] for r in rows))
-    fig, axes = plt.subplots(1, len(backends), figsize=(6 * len(backends), 4.2), squeeze=False)
-    for ax, bk in zip(axes[0], backends):
-        for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
-            sel = sorted((r["tokens"], r["peak_rss_growth_mib"], r["similarity_mib"]) for r in rows
-                         if r["backend"] == bk and r["method"] == method)
-            n, peak, sim = zip(*sel)
+
+    def draw(ax, sel):
+        for i, method in enumerate(dict.fromkeys(r["method"] for r in sel)):
+            n, peak, sim = zip(*sorted((r["tokens"], r["peak_rss_growth_mib"], r["similarity_mib"])
+                                       for r in sel if r["method"] == method))
             color = plt.cm.tab10(i)
             ax.plot(n, [max(p, 0.1) for p in peak], "-", marker="o", color=color, label=f"{method} peak RSS growth")
             ax.plot(n, sim, ":", color=color, label=f"{method} similarity tensor")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("tokens N")
-        ax.set_ylabel("MiB")
-        ax.set_title(f"graph construction memory, {bk}")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=6)
-    return _save(fig, "memory_vs_n.png")
+
+    return _loglog_per_backend(rows, "memory_vs_n.png", "graph construction memory", "MiB", draw, legend=6)
 
 
 def tokens_vs_n(models: Dict) -> Optional[Path]:
     rows = models.get("tokens") or []
     if not rows:
         return None
-    plt = _plt()
-    backends = list(dict.fromkeys(r["backend"] for r in rows))
-    fig, axes = plt.subplots(1, len(backends), figsize=(6 * len(backends), 4.2), squeeze=False)
-    for ax, bk in zip(axes[0], backends):
-        for model in dict.fromkeys(r["model"] for r in rows):
-            pts = sorted((r["tokens"], r["median_s"] * 1e3) for r in rows if r["backend"] == bk and r["model"] == model)
-            ax.plot(*zip(*pts), "--" if model.startswith("vig") else "-", marker="o", label=model)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("tokens N")
-        ax.set_ylabel("ms per image (batch 1)")
-        ax.set_title(f"whole model vs tokens, {bk}")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    return _save(fig, "tokens_vs_n.png")
+    return _loglog_per_backend(rows, "tokens_vs_n.png", "whole model vs tokens", "ms per image (batch 1)",
+                               lambda ax, sel: _lines(ax, sel, "model", lambda m: m.startswith("vig")))
 
 
 def draw_all(models: Optional[Dict], graph: Optional[Dict]) -> List[Path]:
