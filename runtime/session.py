@@ -38,6 +38,18 @@ class Session:
     def infer(self, images: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def _infer_static(self, x: np.ndarray) -> np.ndarray:
+        """Feed a static-batch model in chunks of its batch, padding the last one."""
+        b = self.max_batch
+        out: List[np.ndarray] = []
+        for i in range(0, len(x), b):
+            chunk = x[i : i + b]
+            n = len(chunk)
+            if n < b:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, axis=0)])
+            out.append(self.infer(chunk)[:n])
+        return np.concatenate(out)
+
     def close(self) -> None:
         pass
 
@@ -93,18 +105,6 @@ class OrtSession(Session):
         if self.static_batch and x.shape[0] != self.max_batch:
             return self._infer_static(x)
         return np.asarray(self.sess.run(None, {self.input_name: x})[0], dtype=np.float32)
-
-    def _infer_static(self, x: np.ndarray) -> np.ndarray:
-        """Feed a static-batch graph in chunks, padding the last one."""
-        b = self.max_batch
-        out: List[np.ndarray] = []
-        for i in range(0, len(x), b):
-            chunk = x[i : i + b]
-            n = len(chunk)
-            if n < b:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, axis=0)])
-            out.append(np.asarray(self.sess.run(None, {self.input_name: chunk})[0][:n], dtype=np.float32))
-        return np.concatenate(out)
 
 
 def _cuda_check(result, what: str):
@@ -204,7 +204,9 @@ class TrtSession(Session):
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.input_name = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         self.output_name = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-        self.max_batch = int(engine.get_tensor_profile_shape(self.input_name, 0)[2][0])
+        batch = int(engine.get_tensor_shape(self.input_name)[0])
+        self.static_batch = batch > 0  # an engine from a static-batch ONNX has no optimization profile
+        self.max_batch = batch if self.static_batch else int(engine.get_tensor_profile_shape(self.input_name, 0)[2][0])
         self.metadata = {}
         for side in (self.path.with_suffix(".json"), self.path.parent / "preprocess.json"):
             if side.is_file():  # cvig-export writes model_<precision>.json and preprocess.json beside the engines
@@ -223,9 +225,8 @@ class TrtSession(Session):
 
         if images.ndim != 4 or images.shape[1] != 3:
             raise RuntimeErrorWithFix(f"{self.path} takes [B, 3, H, W] images, got shape {tuple(images.shape)}")
-        if images.shape[0] > self.max_batch:
-            return np.concatenate([self.infer(images[i : i + self.max_batch])
-                                   for i in range(0, len(images), self.max_batch)])
+        if images.shape[0] > self.max_batch or (self.static_batch and images.shape[0] != self.max_batch):
+            return self._infer_static(images)
         x = np.ascontiguousarray(images, dtype=self._dtype(self.input_name))
         shape = tuple(x.shape)
         if not self.context.set_input_shape(self.input_name, shape):
