@@ -190,8 +190,8 @@ def markdown_models(res: Dict) -> str:
         "## Whole model: throughput vs batch, ClusterViG vs ViG baseline (CPU)",
         "",
         f"`python -m bench.models` — {m['cpu_count']} CPU cores, torch {m['torch']} ({m['torch_threads']} threads), "
-        f"onnxruntime {m.get('onnxruntime', '-')}, {m['date']}. Images per second (median over {res['repeats']} "
-        "interleaved repeats; min–max latency in the JSON). `vig_*` is the same network with κ = 1 and no global "
+        f"onnxruntime {m.get('onnxruntime', '-')}, {m['date']}. Images per second: median (range) over "
+        f"{res['repeats']} interleaved repeats. `vig_*` is the same network with κ = 1 and no global "
         "update: ViG's full-image k-NN in every block, matched width and depth.",
         "",
         head,
@@ -200,7 +200,7 @@ def markdown_models(res: Dict) -> str:
     by = {(r["model"], r["backend"], r["batch"]): r for r in rows}
     for model in dict.fromkeys(r["model"] for r in rows):
         for bk in dict.fromkeys(r["backend"] for r in rows if r["model"] == model):
-            cells = [f"{by[(model, bk, b)]['throughput_img_s']:.1f}" if (model, bk, b) in by else "–" for b in batches]
+            cells = [_img_s(by[(model, bk, b)]) if (model, bk, b) in by else "–" for b in batches]
             lines.append(f"| {model} | {bk} | " + " | ".join(cells) + " |")
     ratios = ratio_table(rows, "median_s")
     lines += ["", "CViG / ViG throughput ratio (> 1: ClusterViG faster), same backend and batch:", "",
@@ -210,6 +210,10 @@ def markdown_models(res: Dict) -> str:
             cells = [f"{ratios[(size, bk, b)]:.2f}×" if (size, bk, b) in ratios else "–" for b in batches]
             lines.append(f"| {size} | {bk} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _img_s(r: Dict) -> str:
+    return f"{r['batch'] / r['median_s']:.1f} ({r['batch'] / r['max_s']:.1f}–{r['batch'] / r['min_s']:.1f})"
 
 
 def token_ratios(rows: List[Dict]) -> Dict[Tuple, float]:
