@@ -292,7 +292,8 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
             src = final.get("fp16", final["fp32"])
             written = write_triton_repo(triton_repo, name, src, bspec, model.cfg.img_size, model.cfg.num_classes,
                                         engine_path=final.get("fp16_engine", final.get("fp32_engine")),
-                                        input_dtype="float16" if (fp16 and fp16_io) else "float32")
+                                        input_dtype="float16" if (fp16 and fp16_io) else "float32",
+                                        labels=_class_names(model.cfg))
             report["triton_repo"] = {k: str(v) for k, v in written.items()}
             click.echo(f"Triton repository: {triton_repo} ({', '.join(written)})", err=True)
         report["sidecars"] = [p.name for p in sidecars]
@@ -310,20 +311,25 @@ def _op_counts(g: onnx.ModelProto) -> Dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+def _class_names(cfg) -> Optional[List[str]]:
+    """Recorded class names, else the ImageNet-1k names for a 1000-class model, else None."""
+    from clustervig.runtime.classify import imagenet1k_names
+
+    return list(cfg.class_names) if cfg.class_names else (imagenet1k_names() if cfg.num_classes == 1000 else None)
+
+
 def write_sidecars(stage: Path, cfg, artifacts: Dict[str, Path]) -> List[Path]:
     """Files a runtime without ONNX needs beside the engines: ``preprocess.json`` (the flat spec
     cvig_infer and cvig-run read), ``labels.txt`` (recorded class names, or the ImageNet-1k names
     for a 1000-class model) and ``model_<precision>.json`` (the ONNX metadata, found by
     TrtSession next to ``model_<precision>.plan`` however the engine was built)."""
-    from clustervig.runtime.classify import imagenet1k_names
-
     written = []
     metas = {name: get_metadata(onnx.load(str(path), load_external_data=False)) for name, path in artifacts.items()}
     first = next(iter(metas.values()))
     pre = stage / "preprocess.json"
     _write_json(pre, json.loads(first["clustervig.preprocess"]))
     written.append(pre)
-    names = list(cfg.class_names) if cfg.class_names else (imagenet1k_names() if cfg.num_classes == 1000 else None)
+    names = _class_names(cfg)
     if names:
         labels = stage / "labels.txt"
         labels.write_text("\n".join(names) + "\n")

@@ -25,6 +25,15 @@ def test_dynamic_batch_config():
     assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
 
 
+def test_labels_must_match_the_classes(tmp_path):
+    import pytest
+
+    from clustervig.export.triton import write_triton_repo
+
+    with pytest.raises(ValueError, match="3 class names for 10 classes"):
+        write_triton_repo(tmp_path, "m", tmp_path / "x.onnx", BatchSpec(1, 1, 1), 32, 10, labels=["a", "b", "c"])
+
+
 def test_static_batch_config_has_no_batching():
     cfg = parse(model_config("m_onnx", "onnxruntime_onnx", BatchSpec(4, 4, 4), 32, 10))
     assert cfg.max_batch_size == 0 and list(cfg.input[0].dims) == [4, 3, 32, 32]
@@ -39,5 +48,9 @@ def test_cvig_export_writes_repository(tmp_path):
     cfg = parse((repo / "cvig_nano_onnx" / "config.pbtxt").read_text())
     assert cfg.name == "cvig_nano_onnx" and cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 16
     assert (repo / "cvig_nano_onnx" / "1" / "model.onnx").stat().st_size > 0
+    # Triton's classification extension: class names beside the config, named by the output
+    assert cfg.output[0].label_filename == "labels.txt"
+    names = (repo / "cvig_nano_onnx" / "labels.txt").read_text().splitlines()
+    assert len(names) == 1000 and names[0] == "tench"
     readme = (repo / "README.md").read_text()
     assert "tritonserver --model-repository" in readme and "No TensorRT engine was built here" in readme
