@@ -95,6 +95,8 @@ def main(argv=None) -> int:
     bad = sorted(set(only) - set(STEPS))
     if bad:
         ap.error(f"unknown step(s) {bad}; choose from {', '.join(STEPS)}")
+    if "plots" in only:
+        plots.require_matplotlib()  # fail before the measurements, not after them
     common.configure(args.results, args.markdown)
     summary = run_suite(only, args.quick)
     print(json.dumps(summary["steps_s"]), f"total {summary['total_s']:.0f}s")

@@ -16,7 +16,15 @@ from typing import Dict, List, Optional
 from . import common
 
 
+def require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("the plots need matplotlib: pip install -e '.[bench]' (or skip them: --only graph,models,gpu,claims)") from None
+
+
 def _plt():
+    require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
