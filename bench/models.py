@@ -143,10 +143,13 @@ def token_rows(grids: Sequence[int], repeats: int, workdir: Path, size: str = "t
         clusters = clustervig.get_config(f"cvig_{size}").clusters
         cap = math.ceil(1.25 * n / clusters)
         models = {
-            f"cvig_{size}-masked": (f"cvig_{size}", dict(base)),
+            f"cvig_{size}-masked": (f"cvig_{size}", dict(base, knn="masked")),
             f"cvig_{size}-padded": (f"cvig_{size}", dict(base, knn="padded", capacity=cap)),
-            f"vig_{size}": (f"cvig_{size}", dict(base, **VIG)),
+            f"vig_{size}": (f"cvig_{size}", dict(base, knn="masked", **VIG)),
         }
+        if clustervig.get_config(f"cvig_{size}", **base).knn_mode == "padded":
+            # what knn="auto" picks above N = 1024: padded with the exact capacity P = N (kappa N^2 similarities)
+            models[f"cvig_{size}-padded-exact"] = (f"cvig_{size}", dict(base, knn="padded"))
         fns = {}
         photos = None
         t0 = time.perf_counter()
@@ -162,8 +165,9 @@ def token_rows(grids: Sequence[int], repeats: int, workdir: Path, size: str = "t
         for key, samples in times.items():
             label, bk = key.split("/", 1)
             s = summary(samples)
+            capacity = cap if label.endswith("-padded") else (n if label.endswith("-padded-exact") else None)
             rows.append({"tokens": n, "grid": grid, "img_size": img, "model": label, "backend": bk,
-                         "capacity": cap if label.endswith("padded") else None, **s})
+                         "capacity": capacity, **s})
             print(f"[tokens] N={n:<5} {label:<16} {bk:<13} {ms(s)} ms", flush=True)
     return rows
 
@@ -230,9 +234,11 @@ def markdown_tokens(res: Dict) -> str:
         "## Whole model vs tokens: ClusterViG (masked, padded) vs ViG baseline, batch 1 (CPU)",
         "",
         f"`python -m bench.models` — cvig_{res.get('token_size', 'ti')}'s network at grids "
-        f"{', '.join(str(g) for g in sorted({r['grid'] for r in rows}))} (images 16 × grid). `masked` is the exported "
-        "static form (N×N similarity, masked top-k), `padded` gathers each partition into capacity P = ⌈1.25 N/κ⌉ "
-        "and computes only κ·P² similarities. Median (min–max) ms.",
+        f"{', '.join(str(g) for g in sorted({r['grid'] for r in rows}))} (images 16 × grid). `masked`: N×N "
+        "similarity, cross-partition entries masked, top-k; `padded`: each partition gathered into capacity "
+        "P = ⌈1.25 N/κ⌉, only κ·P² similarities; `padded-exact`: P = N, what `knn=\"auto\"` picks above N = 1024 "
+        "(exact for any partition sizes, but κ·N² similarities). The ViG baseline runs the masked kernel with one "
+        "partition. Median (min–max) ms.",
         "",
         "| N | backend | model | latency ms | ViG / this |",
         "|---:|---|---|---:|---:|",
