@@ -72,12 +72,12 @@ def run_suite(only=STEPS, quick: bool = False) -> dict:
         step("gpu", _gpu)
     if "plots" in only:
         def _plots():
-            paths = plots.draw_all(plots.load("models_cpu"), plots.load("graph_construction_cpu"))
+            paths = plots.draw_all(common.read_json("models_cpu"), common.read_json("graph_construction_cpu"))
             common.update_section("plots", plots.markdown(paths))
         step("plots", _plots)
     if "claims" in only:
         step("claims", lambda: common.update_section(
-            "claims", claims.markdown(plots.load("models_cpu"), plots.load("graph_construction_cpu"))))
+            "claims", claims.markdown(common.read_json("models_cpu"), common.read_json("graph_construction_cpu"))))
     summary = {"machine": common.machine(), "quick": quick, "steps_s": walls,
                "total_s": round(time.perf_counter() - t_all, 1)}
     common.write_json("suite", summary)

@@ -12,7 +12,6 @@ from typing import Dict, List, Optional
 
 from . import common
 from .models import ratio_table, token_ratios
-from .plots import load
 
 FASTER, SLOWER = 1.10, 0.95
 
@@ -193,7 +192,7 @@ def markdown(models: Optional[Dict], graph: Optional[Dict]) -> str:
 def main(argv=None) -> int:
     ap = common.parser("python -m bench.claims", __doc__)
     ap.parse_args(argv)
-    common.update_section("claims", markdown(load("models_cpu"), load("graph_construction_cpu")))
+    common.update_section("claims", markdown(common.read_json("models_cpu"), common.read_json("graph_construction_cpu")))
     print(f"wrote the 'claims' section of {common.BENCHMARKS_MD}")
     return 0
 

@@ -105,6 +105,12 @@ def write_json(name: str, payload: Dict) -> Path:
     return path
 
 
+def read_json(name: str) -> Optional[Dict]:
+    """bench/results/<name>.json, or None when that step has not run."""
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def update_section(key: str, markdown: str) -> None:
     """Replace (or append) the block between ``<!-- bench:KEY -->`` markers in BENCHMARKS.md."""
     start, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"

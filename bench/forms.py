@@ -8,14 +8,12 @@ bench/results/forms_cpu.json and the "forms" section of BENCHMARKS.md.
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 import clustervig
 from clustervig.utils import calibrate_batchnorm
 
-from .common import machine, summary, time_interleaved, update_section, write_json
+from .common import machine, ms, parser, publish, summary, time_interleaved
 
 
 def run(model_name: str, batches, repeats: int) -> dict:
@@ -65,24 +63,20 @@ def markdown(res: dict) -> str:
     for r in res["rows"]:
         s, f = r["static"], r["reference"]
         lines.append(
-            f"| {r['batch']} | {s['median_s']*1e3:.1f} ({s['min_s']*1e3:.1f}–{s['max_s']*1e3:.1f}) | "
-            f"{f['median_s']*1e3:.1f} ({f['min_s']*1e3:.1f}–{f['max_s']*1e3:.1f}) | "
+            f"| {r['batch']} | {ms(s)} | {ms(f)} | "
             f"{r['speedup_static_vs_reference']:.2f}× | {r['max_abs_diff_logits']:.1e} |"
         )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.forms", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser("python -m bench.forms", __doc__)
     ap.add_argument("--model", default="cvig_ti", choices=clustervig.list_models())
     ap.add_argument("--batches", default="1,32", help="comma-separated batch sizes (default: 1,32)")
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args(argv)
     res = run(args.model, [int(b) for b in args.batches.split(",")], args.repeats)
-    path = write_json("forms_cpu", res)
-    update_section("forms", markdown(res))
-    print(f"wrote {path} and BENCHMARKS.md")
+    publish("forms_cpu", "forms", res, markdown)
     return 0
 
 

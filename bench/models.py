@@ -40,7 +40,7 @@ import clustervig
 from clustervig.preprocess import sample_photographs, transform_spec
 from clustervig.utils import calibrate_batchnorm
 
-from .common import machine, ms, parser, publish, summary, time_interleaved, ints
+from .common import ints, machine, ms, parser, publish, summary, time_interleaved, update_section
 
 VIG = {"clusters": 1, "global_update": False}
 BACKENDS = ("torch-reference", "torch-static", "ort-fp32", "ort-fp16", "ort-int8", "ort-plugins")
@@ -283,8 +283,6 @@ def main(argv=None) -> int:
 def publish_results(res: Dict) -> None:
     publish("models_cpu", "models", res, markdown_models)
     if res["tokens"]:
-        from .common import update_section
-
         update_section("tokens", markdown_tokens(res))
 
 

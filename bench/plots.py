@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -142,11 +141,6 @@ def draw_all(models: Optional[Dict], graph: Optional[Dict]) -> List[Path]:
     return [p for p in out if p is not None]
 
 
-def load(name: str) -> Optional[Dict]:
-    path = common.RESULTS / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def markdown(paths: List[Path]) -> str:
     rel = lambda p: p.relative_to(common.BENCHMARKS_MD.parent) if p.is_relative_to(common.BENCHMARKS_MD.parent) else p  # noqa: E731
     lines = ["## Plots", "", "`python -m bench.plots` (also run by `python -m bench`), from the JSON results.", ""]
@@ -157,7 +151,7 @@ def markdown(paths: List[Path]) -> str:
 def main(argv=None) -> int:
     ap = common.parser("python -m bench.plots", __doc__)
     ap.parse_args(argv)
-    paths = draw_all(load("models_cpu"), load("graph_construction_cpu"))
+    paths = draw_all(common.read_json("models_cpu"), common.read_json("graph_construction_cpu"))
     common.update_section("plots", markdown(paths))
     for p in paths:
         print(f"wrote {p}")
