@@ -266,25 +266,30 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
         else:
             click.echo("      skipped (--no-engine)", err=True)
         timings["engines"] = _done(t)
-        sidecars = write_sidecars(stage, model.cfg, artifacts)
-        # publish: everything or nothing
-        final = {}
-        for path in sidecars:
-            os.replace(path, out / path.name)
-        for name, path in {**artifacts, **{f"{k}_engine": v for k, v in engines.items()}}.items():
-            dest = out / path.name
-            os.replace(path, dest)
-            final[name] = dest
-        for name, dest in final.items():
-            entry = {"path": str(dest), "bytes": dest.stat().st_size}
-            if dest.suffix == ".onnx":
-                g = onnx.load(str(dest), load_external_data=False)
+        # one read of each staged ONNX file serves its report entry and its sidecar metadata
+        staged = {**artifacts, **{f"{k}_engine": v for k, v in engines.items()}}
+        metas = {}
+        for name, path in staged.items():
+            entry = {"path": str(out / path.name), "bytes": path.stat().st_size}
+            if path.suffix == ".onnx":
+                g = onnx.load(str(path), load_external_data=False)
+                metas[name] = get_metadata(g)
                 entry["nodes"] = len(g.graph.node)
                 entry["op_counts"] = _op_counts(g)
                 entry["tensorrt_op_issues"] = tensorrt_op_issues(g)
                 for line in entry["tensorrt_op_issues"]:
-                    click.secho(f"WARNING: {dest.name}: TensorRT will reject {line}", fg="yellow", err=True)
+                    click.secho(f"WARNING: {path.name}: TensorRT will reject {line}", fg="yellow", err=True)
             report["artifacts"][name] = entry
+        names = _class_names(model.cfg)
+        sidecars = write_sidecars(stage, names, metas)
+        # publish: everything or nothing
+        final = {}
+        for path in sidecars:
+            os.replace(path, out / path.name)
+        for name, path in staged.items():
+            dest = out / path.name
+            os.replace(path, dest)
+            final[name] = dest
         if precision:
             report["artifacts"]["fp16"]["precision_of_compute_ops"] = precision
         if triton_repo is not None:
@@ -293,7 +298,7 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
             written = write_triton_repo(triton_repo, name, src, bspec, model.cfg.img_size, model.cfg.num_classes,
                                         engine_path=final.get("fp16_engine", final.get("fp32_engine")),
                                         input_dtype="float16" if (fp16 and fp16_io) else "float32",
-                                        labels=_class_names(model.cfg))
+                                        labels=names)
             report["triton_repo"] = {k: str(v) for k, v in written.items()}
             click.echo(f"Triton repository: {triton_repo} ({', '.join(written)})", err=True)
         report["sidecars"] = [p.name for p in sidecars]
@@ -318,18 +323,15 @@ def _class_names(cfg) -> Optional[List[str]]:
     return list(cfg.class_names) if cfg.class_names else (imagenet1k_names() if cfg.num_classes == 1000 else None)
 
 
-def write_sidecars(stage: Path, cfg, artifacts: Dict[str, Path]) -> List[Path]:
+def write_sidecars(stage: Path, names: Optional[List[str]], metas: Dict[str, Dict[str, str]]) -> List[Path]:
     """Files a runtime without ONNX needs beside the engines: ``preprocess.json`` (the flat spec
-    cvig_infer and cvig-run read), ``labels.txt`` (recorded class names, or the ImageNet-1k names
-    for a 1000-class model) and ``model_<precision>.json`` (the ONNX metadata, found by
-    TrtSession next to ``model_<precision>.plan`` however the engine was built)."""
+    cvig_infer and cvig-run read), ``labels.txt`` (``names``: recorded class names, or the ImageNet-1k
+    names for a 1000-class model) and ``model_<precision>.json`` (each artifact's ONNX metadata in
+    ``metas``, found by TrtSession next to ``model_<precision>.plan`` however the engine was built)."""
     written = []
-    metas = {name: get_metadata(onnx.load(str(path), load_external_data=False)) for name, path in artifacts.items()}
-    first = next(iter(metas.values()))
     pre = stage / "preprocess.json"
-    _write_json(pre, json.loads(first["clustervig.preprocess"]))
+    _write_json(pre, json.loads(next(iter(metas.values()))["clustervig.preprocess"]))
     written.append(pre)
-    names = _class_names(cfg)
     if names:
         labels = stage / "labels.txt"
         labels.write_text("\n".join(names) + "\n")
