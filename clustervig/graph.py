@@ -300,7 +300,15 @@ class PartitionedKNN(nn.Module):
 class GatherMaxRel(nn.Module):
     """max_u (x_u - x_v) of G-MRGCN as its own scope (``degc/local/gather_max_rel``) for graph surgery."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels = False  # ClusterViG.set_kernels: the fused plugin kernel
+
     def forward(self, x: Tensor, idx: Tensor) -> Tensor:
+        if self.kernels and not (torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()):
+            from clustervig.plugins import torch_ops
+
+            return torch_ops.gather_max_rel(x, idx)
         # max_u (x_u - x_v) == max_u(x_u) - x_v bit for bit: rounding is monotonic
         return gather_max(x, idx) - x
 

@@ -160,17 +160,37 @@ class DEGC(nn.Module):
         self.centroids = SegmentMean(cfg.clusters)
         self.gat = GATv2(c, c) if cfg.global_update else None
         self.local = make_local_update(cfg.gcn, c, 2 * c, cfg.groups, cfg.global_update)
+        self.kernels = False  # ClusterViG.set_kernels: the static form on the plugin kernels
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         t = x.flatten(2).transpose(1, 2)  # [B, N, C]
         xn = self.norm(t)
-        labels = self.kmeans(xn.detach())
-        if self.form == "reference":
-            out = self._forward_reference(t, xn, labels)
+        if self.kernels and self.form == "static" and not _tracing():
+            out = self._forward_kernels(t, xn)
         else:
-            out = self._forward_static(t, xn, labels)
+            labels = self.kmeans(xn.detach())
+            if self.form == "reference":
+                out = self._forward_reference(t, xn, labels)
+            else:
+                out = self._forward_static(t, xn, labels)
         return out.transpose(1, 2).reshape(b, -1, h, w)
+
+    def _forward_kernels(self, t: Tensor, xn: Tensor) -> Tensor:
+        # The static form with k-means, k-NN and the centroid mean on the plugin
+        # kernels (torch.ops.cvig.*: host build on CPU tensors, CUDA build on CUDA
+        # tensors). The k-NN is exact, as the padded layout with P = N.
+        from clustervig.plugins import torch_ops as ops
+
+        xd = xn.detach()
+        labels, _ = ops.kmeans(xd, self.clusters, self.kmeans.iters)
+        idx, valid = ops.partitioned_knn(xd, labels, min(self.k, xd.shape[1]))
+        zt = None
+        if self.gat is not None:
+            z, counts = ops.segment_mean(t, labels, self.clusters)
+            zp = self.gat(z, counts > 0)
+            zt = torch.gather(zp, 1, labels.long().unsqueeze(-1).expand(-1, -1, zp.shape[-1]))
+        return self.local(t, zt, idx=idx.long(), valid=valid.bool())
 
     def _forward_static(self, t: Tensor, xn: Tensor, labels: Tensor) -> Tensor:
         idx, valid = self.knn(xn, labels)
@@ -198,6 +218,11 @@ class DEGC(nn.Module):
             for bi, members, _ in parts:
                 zt[bi, members] = zp[bi, labels[bi, members[0]]]
         return self.local(t, zt, parts=parts)
+
+
+def _tracing() -> bool:
+    # ONNX export and tracing record the pure static graph (the plugin graph comes from surgery)
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
 
 
 class Grapher(nn.Module):
@@ -299,6 +324,32 @@ class ClusterViG(nn.Module):
             degc.knn.mode = cfg.knn_mode
             degc.knn.capacity = cfg.capacity
         return self
+
+    def set_kernels(self, on: bool = True) -> "ClusterViG":
+        """Run k-means, k-NN, centroid means and G-MRGCN's gather-max on the plugin kernels (inference only).
+
+        ``torch.ops.cvig.*`` over ``libcvig_kernels_host.so`` for CPU tensors and
+        ``libcvig_kernels.so`` for CUDA tensors: the code the TensorRT plugins
+        run, as a fast PyTorch path. Needs ``form="static"``; the k-NN is exact
+        (a padded ``capacity`` below N is not applied). ONNX export always
+        records the pure graph. Backward through the kernels raises.
+        """
+        if on and self.cfg.form != "static":
+            raise ValueError("kernels=True needs form='static' (the reference form is the loop implementation)")
+        if on and self.cfg.capacity is not None and self.cfg.capacity < self.cfg.tokens:
+            import warnings
+
+            warnings.warn(f"kernels=True computes the exact partitioned k-NN: capacity={self.cfg.capacity} is not applied")
+        for degc in self.degc_modules():
+            degc.kernels = bool(on)
+            gmr = getattr(degc.local, "gather_max_rel", None)
+            if gmr is not None:
+                gmr.kernels = bool(on)
+        return self
+
+    @property
+    def kernels(self) -> bool:
+        return any(d.kernels for d in self.degc_modules())
 
     def remove_distillation_head(self) -> None:
         self.dist_head = None

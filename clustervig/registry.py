@@ -63,6 +63,7 @@ def create_model(
     num_classes: Optional[int] = None,
     gcn: str = "mr",
     form: str = "static",
+    kernels: bool = False,
     **overrides,
 ) -> ClusterViG:
     """Build a ClusterViG variant.
@@ -78,6 +79,9 @@ def create_model(
             ImageNet variants, 10 for ``cvig_digits``).
         gcn: local update: ``mr`` (G-MRGCN, default), ``edge``, ``sage``, ``gin``.
         form: ``static`` (exportable, fixed shapes) or ``reference``.
+        kernels: run k-means, k-NN, centroid means and G-MRGCN's gather-max on
+            the plugin kernels (``torch.ops.cvig``; host build on CPU, CUDA
+            build on GPU): inference only, static form (:meth:`ClusterViG.set_kernels`).
         **overrides: any :class:`ClusterViGConfig` field, e.g. ``knn="padded"``,
             ``capacity=64``, ``kmeans_iters=10``, ``drop_path=0.1``.
 
@@ -100,4 +104,6 @@ def create_model(
         from .checkpoint import load_checkpoint
 
         load_checkpoint(model, pretrained)
+    if kernels:
+        model.set_kernels(True)
     return model

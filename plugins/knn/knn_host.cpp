@@ -1,0 +1,32 @@
+// Partitioned k-NN on the host: knn_impl.h for every token, images spread over threads.
+#include "../common/cvig_host.h"
+#include "knn_impl.h"
+
+namespace {
+
+template <typename T>
+int run(const void* xn, const int32_t* labels, int B, int N, int C, int K, int32_t* idx, int32_t* valid) {
+    cvig::parallel_for(B, [&](long long b) {
+        float best[CVIG_MAX_K];
+        int who[CVIG_MAX_K];
+        const size_t img = static_cast<size_t>(b) * N;
+        const cvig::KnnImage<T> s{static_cast<const T*>(xn) + img * C, labels + img, N, C, K, idx + img * K,
+                                  valid + img * K};
+        for (int v = 0; v < N; ++v) cvig::knn_token(s, v, 0, best, who);
+    });
+    return CVIG_OK;
+}
+
+}  // namespace
+
+extern "C" int cvig_partitioned_knn_launch(const void* xn, const int32_t* labels, int dtype, int B, int N, int C,
+                                           int K, int32_t* idx, int32_t* valid, cudaStream_t) {
+    const int st = cvig::check_knn(xn, labels, dtype, B, N, C, K, idx, valid);
+    if (st != CVIG_OK) return st;
+    try {
+        if (dtype == CVIG_FP32) return run<float>(xn, labels, B, N, C, K, idx, valid);
+        return run<cvig::f16>(xn, labels, B, N, C, K, idx, valid);
+    } catch (...) {
+        return CVIG_UNSUPPORTED_SIZE;
+    }
+}
