@@ -120,3 +120,80 @@ def test_cli_plugins(tmp_path):
     assert report["plugins"]["replaced"]["CvigKMeans"] == 3
     assert report["validation"]["results"]["photos"]["plugins vs fp32"]["max_abs_diff"] <= 1e-5
     assert "CvigPartitionedKNN" in res.output
+
+
+# ----------------------------------------------------------------------------
+# The CPU plugin graph runs the project's kernels (libcvig_kernels_host.so)
+# ----------------------------------------------------------------------------
+
+
+def with_graph_outputs(model: onnx.ModelProto, names):
+    """A copy of ``model`` that also outputs the tensors ``names`` (types left to ONNX Runtime)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for n in names:
+        out.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
+    return out
+
+
+def degc_tensors(pg: onnx.ModelProto):
+    """Per block, the int64 labels and neighbour indices the rest of the graph reads (same names in both graphs)."""
+    labels = [n.output[0] for n in pg.graph.node if n.name.endswith("/kmeans/labels_to_int64")]
+    idx = [n.output[0] for n in pg.graph.node if n.name.endswith("/knn/idx_to_int64")]
+    return labels, idx
+
+
+def run_both(pure: onnx.ModelProto, x: np.ndarray):
+    pg, _ = to_plugin_graph(pure)
+    labels, idx = degc_tensors(pg)
+    names = labels + idx
+    a = ort.InferenceSession(with_graph_outputs(pure, names).SerializeToString(),
+                             providers=["CPUExecutionProvider"]).run(None, {"images": x})
+    b = ort_session(with_graph_outputs(pg, names)).run(None, {"images": x})
+    return a, b, len(labels)
+
+
+@pytest.mark.parametrize("name,seed", [("cvig_nano", 0), ("cvig_ti", 1)])
+def test_plugin_graph_host_kernels_keep_labels_and_neighbours(tmp_path, name, seed):
+    model, photos, g = exported(tmp_path, name, seed)
+    a, b, depth = run_both(g, photos.numpy())
+    assert depth == model.cfg.depth
+    for i, (u, v) in enumerate(zip(a[1:], b[1:])):
+        np.testing.assert_array_equal(u, v, err_msg=f"{'labels' if i < depth else 'neighbours'} of block {i % depth}")
+    assert np.abs(a[0] - b[0]).max() <= 1e-4
+
+
+def test_plugin_graph_calls_the_host_kernels(tmp_path, monkeypatch):
+    from clustervig.plugins import kernels
+
+    calls = {"kmeans": 0, "partitioned_knn": 0, "gather_max_rel": 0}
+    for fn in calls:
+        real = getattr(kernels, fn)
+
+        def counted(*args, _real=real, _fn=fn, **kw):
+            calls[_fn] += 1
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(kernels, fn, counted)
+    _, photos, g = exported(tmp_path, "cvig_nano")
+    pg, _ = to_plugin_graph(g)
+    ort_session(pg).run(None, {"images": photos.numpy()})
+    assert calls == {"kmeans": 3, "partitioned_knn": 3, "gather_max_rel": 3}  # one call per block and op
+
+
+def test_plugin_graph_digits_test_split(tmp_path):
+    import clustervig
+    from clustervig.data import digits_split
+    from clustervig.train import WEIGHTS_DIR
+
+    model = clustervig.create_model("cvig_digits", pretrained=WEIGHTS_DIR / "cvig_digits.pth").eval()
+    export_onnx(model, tmp_path / "digits.onnx", BatchSpec(1, 64, 64), simplify=True)
+    _, te = digits_split()
+    x = te.images.numpy()
+    a, b, depth = run_both(onnx.load(str(tmp_path / "digits.onnx")), x)
+    for u, v in zip(a[1:], b[1:]):
+        np.testing.assert_array_equal(u, v)
+    assert np.abs(a[0] - b[0]).max() <= 1e-4
+    y = te.labels.numpy()
+    top_pure, top_plugin = (a[0].argmax(1) == y).mean(), (b[0].argmax(1) == y).mean()
+    assert top_plugin == top_pure and top_pure >= 0.97

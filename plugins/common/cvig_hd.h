@@ -161,10 +161,11 @@ CVIG_HD float warp_dot(const A* a, const B* b, int C, int lane) {
     (void)lane;
     float p[kWarp];
     for (int l = 0; l < kWarp; ++l) p[l] = 0.f;
-    for (int c0 = 0; c0 < C; c0 += kWarp) {  // lane-parallel inner loop: the compiler vectorises it
-        const int m = C - c0 < kWarp ? C - c0 : kWarp;
-        for (int l = 0; l < m; ++l) p[l] = fadd(p[l], fmul(load(a, c0 + l), load(b, c0 + l)));
+    int c0 = 0;
+    for (; c0 + kWarp <= C; c0 += kWarp) {  // whole rows of 32 lanes: a fixed-length loop the compiler vectorises
+        for (int l = 0; l < kWarp; ++l) p[l] = fadd(p[l], fmul(load(a, c0 + l), load(b, c0 + l)));
     }
+    for (int l = 0; c0 + l < C; ++l) p[l] = fadd(p[l], fmul(load(a, c0 + l), load(b, c0 + l)));
     for (int off = kWarp / 2; off > 0; off >>= 1)
         for (int l = 0; l < off; ++l) p[l] = fadd(p[l], p[l + off]);
     return p[0];
