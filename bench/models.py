@@ -11,7 +11,8 @@ K schedule, FFN and stem are identical — on every backend:
 * ``torch-static``: PyTorch eager, the static (exported) form with masked top-k;
 * ``ort-fp32`` / ``ort-fp16`` / ``ort-int8``: ONNX Runtime CPU on the exported graphs
   (FP16 with the default FP32 islands; INT8 Q/DQ with max calibration on 4 photographs);
-* ``ort-plugins``: the plugin graph with the CPU reference ops.
+* ``ort-plugins``: the plugin graph, its Cvig* ops on the host build of the plugin kernels;
+* ``torch-kernels`` (not in the default set; ``bench.plugins_cpu``): the static form on the kernels.
 
 Part 2, tokens: batch 1 at grid 14/28/56 (N = 196/784/3136, images 224/448/896)
 for cvig_ti with the masked and the padded k-NN layout and its ViG baseline, in
@@ -79,6 +80,9 @@ def runners(label: str, model: torch.nn.Module, photos: torch.Tensor, backends: 
             out[b] = lambda x, m=ref: m(torch.from_numpy(x))
         elif b == "torch-static":
             out[b] = lambda x, m=model: m(torch.from_numpy(x))
+        elif b == "torch-kernels":
+            fast = copy.deepcopy(model).set_kernels(True)
+            out[b] = lambda x, m=fast: m(torch.from_numpy(x))
     onnx_backends = [b for b in backends if b.startswith("ort-")]
     if not onnx_backends:
         return out

@@ -116,3 +116,24 @@ def test_memory_child_reports_the_calls_own_peak():
     # a fresh process whose parent is large must not inherit the parent's high-water mark
     out = graph_construction._child_peak(196, 1, "masked", 0, "")
     assert out["rss_peak_kib"] >= out["rss_before_kib"] > 0
+
+
+def test_plugins_cpu_rows_and_table(tmp_path):
+    from bench import plugins_cpu
+
+    common.configure(tmp_path, tmp_path / "BENCHMARKS.md")
+    try:
+        assert plugins_cpu.main(["--models", "cvig_nano", "--batches", "1", "--repeats", "1"]) == 0
+    finally:
+        common.configure(None, None)
+    res = json.loads((tmp_path / "plugins_cpu.json").read_text())
+    assert {(r["backend"], r["batch"]) for r in res["models"]} == {(b, 1) for b in plugins_cpu.MODEL_BACKENDS}
+    assert {(r["op"], r["impl"]) for r in res["degc"]} == {
+        ("kmeans", "kernel"), ("kmeans", "torch"), ("knn", "kernel"), ("knn", "torch-masked"),
+        ("gather_max_rel", "kernel"), ("gather_max_rel", "torch")}
+    md = (tmp_path / "BENCHMARKS.md").read_text()
+    med = {r["backend"]: r["median_s"] for r in res["models"]}
+    assert f"{med['ort-fp32'] / med['ort-plugins']:.2f}x" in md  # speed-up = pure time / plugin time
+    assert "| cvig_nano (196, 32, 4, 9) | 1 | kmeans |" in md
+    with pytest.raises(SystemExit, match="unknown model"):
+        plugins_cpu.main(["--models", "cvig_huge"])
