@@ -439,6 +439,8 @@ class Kernels:
         if idx.ndim != 3 or tuple(idx.shape[:2]) != (b, n) or idx.shape[2] < 1:
             raise ValueError(f"idx must be [B, N, K] = [{b}, {n}, K >= 1], got {list(idx.shape)}")
         self._same_device(x, idx)
+        if x.device.type == "cpu" and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise ValueError(f"idx holds token indices outside 0..{n - 1}")  # checked on CPU only: no device sync
         x, idx = x.detach().contiguous(), idx.to(torch.int32).contiguous()
         out = torch.empty_like(x)
         self._run(x, "gather-max-rel", "cvig_gather_max_rel_launch", x.data_ptr(), idx.data_ptr(), self._dtype(x), b, n,
