@@ -1,10 +1,10 @@
 """INT8 post-training quantization of ClusterViG ONNX graphs: calibration and Q/DQ insertion.
 
-TensorRT-compatible Q/DQ (TENSORRT.md): symmetric (zero point 0), INT8 in
+TensorRT-compatible Q/DQ (docs/tensorrt.md section 2): symmetric (zero point 0), INT8 in
 [-128, 127] (scales from amax / 127), per-channel weight scales (axis 0 of
 each Conv weight), per-tensor activation scales. Only convolutions are
 quantized: normalisation, k-means, k-NN, GATv2 and the graph aggregations
-stay in floating point (DESIGN.md section 5).
+stay in floating point (docs/design.md section 5).
 
 Activation ranges come from the FP32 graph run in ONNX Runtime on
 calibration images, with one of three methods: ``max`` (largest |x|),

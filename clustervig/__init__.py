@@ -6,7 +6,7 @@ Quick start::
     model = clustervig.create_model("cvig_ti", num_classes=1000).eval()
     logits = model(images)            # images [B, 3, 224, 224], ImageNet-normalised
 
-See DESIGN.md (shared with the ONNX graph and TensorRT plugins) for the exact
+See docs/design.md (shared with the ONNX graph and TensorRT plugins) for the exact
 semantics of DEGC that every form implements.
 """
 from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint

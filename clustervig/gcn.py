@@ -1,6 +1,6 @@
 """Global (GATv2) and local (G-GCN) updates of DEGC.
 
-Implements DESIGN.md section 2, steps 5 and 6. Each local update has two
+Implements docs/design.md sections 2.5 and 2.6. Each local update has two
 code paths over the same parameters:
 
 * ``forward_static(x, idx, valid, zt)``: fixed shapes, neighbours given as a

@@ -1,6 +1,6 @@
 """Graph construction of DEGC: k-means partitioning and partitioned k-NN.
 
-Implements DESIGN.md section 2 (steps 1-4) and section 3 (the two forms).
+Implements docs/design.md sections 2.1-2.4 and section 3 (the two forms).
 Every function here is a plain tensor function; the small ``nn.Module``
 wrappers at the bottom exist only so that an ONNX export gives each piece a
 stable, readable scope (``blocks.3.grapher.degc/kmeans/...``) that graph
@@ -255,7 +255,7 @@ class Normalize(nn.Module):
 
 
 class KMeans(nn.Module):
-    """k-means partitioning (DESIGN.md 2.2). No parameters."""
+    """k-means partitioning (docs/design.md section 2.2). No parameters."""
 
     def __init__(self, clusters: int, iters: int) -> None:
         super().__init__()
@@ -270,7 +270,7 @@ class KMeans(nn.Module):
 
 
 class PartitionedKNN(nn.Module):
-    """Partitioned k-NN (DESIGN.md 2.3) in the static masked or padded layout."""
+    """Partitioned k-NN (docs/design.md section 2.3) in the static masked or padded layout."""
 
     def __init__(self, k: int, clusters: int, mode: str = "masked", capacity: Optional[int] = None) -> None:
         super().__init__()
@@ -314,7 +314,7 @@ class GatherMaxRel(nn.Module):
 
 
 class SegmentMean(nn.Module):
-    """Centroid features z_j = mean of X over partition j (DESIGN.md 2.4)."""
+    """Centroid features z_j = mean of X over partition j (docs/design.md section 2.4)."""
 
     def __init__(self, clusters: int) -> None:
         super().__init__()

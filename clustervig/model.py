@@ -1,4 +1,4 @@
-"""ClusterViG, isotropic variants (DESIGN.md sections 2 and 3).
+"""ClusterViG, isotropic variants (docs/design.md sections 2 and 3).
 
 One ``nn.Module`` tree, two forms of DEGC that share every parameter:
 

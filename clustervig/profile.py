@@ -1,6 +1,6 @@
 """Parameter and MAC counting for ClusterViG, and the Table III comparison.
 
-Two MAC figures (DESIGN.md section 2):
+Two MAC figures (docs/design.md section 2):
 
 * **paper-comparable**: every convolution and linear layer except the G-GCN
   MLP inside DEGC, which the paper's profiler could not see (it lives inside a

@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Union
 
 from .model import ClusterViG, ClusterViGConfig
 
-# Table III of the paper (and DESIGN.md section 2). cvig_nano is ours: small
+# Table III of the paper (and docs/design.md section 2). cvig_nano is ours: small
 # enough for tests and demos on a 2-core CPU, same structure otherwise.
 _VARIANTS: Dict[str, ClusterViGConfig] = {
     "cvig_ti": ClusterViGConfig(name="cvig_ti", dim=192, depth=12, grid=14, clusters=4, groups=1),

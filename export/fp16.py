@@ -1,4 +1,4 @@
-"""FP16 ONNX graphs for strongly typed TensorRT (DESIGN.md section 5).
+"""FP16 ONNX graphs for strongly typed TensorRT (docs/design.md section 5).
 
 TensorRT 11 has no FP16 builder flag: precision comes from the tensor types
 in the ONNX graph. This pass gives every node FP16 compute except the FP32

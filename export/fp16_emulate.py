@@ -1,4 +1,4 @@
-"""Per-op FP16 rounding on a CPU: how an FP16 graph behaves on a GPU (DESIGN.md section 5).
+"""Per-op FP16 rounding on a CPU: how an FP16 graph behaves on a GPU (docs/design.md section 5).
 
 ONNX Runtime's CPU provider has FP16 kernels for few ops. For the rest it
 inserts Casts to FP32 around each node and then drops the Cast pairs between

@@ -1,4 +1,4 @@
-"""Stable, readable ONNX node and tensor names (DESIGN.md section 4).
+"""Stable, readable ONNX node and tensor names (docs/design.md section 4).
 
 The TorchScript exporter names nodes by module scope, e.g.
 ``/blocks/blocks.3/grapher/degc/kmeans/MatMul_2``. We rewrite them to the

@@ -1,4 +1,4 @@
-"""PyTorch static form -> ONNX (DESIGN.md section 4).
+"""PyTorch static form -> ONNX (docs/design.md section 4).
 
 ``export_onnx`` traces the static form with the TorchScript exporter (its
 module-scoped names are what makes stable names possible), renames nodes,

@@ -1,7 +1,7 @@
 """Graph surgery: replace every DEGC's k-means, k-NN and centroid subgraphs by TensorRT plugin nodes.
 
 Subgraphs are found by their stable names (``blocks.<i>.grapher.degc/<piece>/``,
-DESIGN.md section 4), never by pattern guesses. Each becomes one node whose
+docs/design.md section 4), never by pattern guesses. Each becomes one node whose
 op_type is the plugin name, with ``plugin_version`` / ``plugin_namespace``
 attributes as the TensorRT ONNX parser expects; label and index tensors are
 int32 at the plugin boundary and cast back to what the rest of the graph

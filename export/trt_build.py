@@ -1,4 +1,4 @@
-"""TensorRT engine build, kept thin (TENSORRT.md: 10.3+ and 11.x, one code path).
+"""TensorRT engine build, kept thin (docs/tensorrt.md: 10.3+ and 11.x, one code path).
 
 Strongly typed networks only: precision comes from the ONNX tensor types
 (FP16 graph) and Q/DQ nodes (INT8); no builder precision flags, which
@@ -25,6 +25,31 @@ def tensorrt_module():
     return trt
 
 
+PLUGIN_NAMES = ("CvigKMeans", "CvigPartitionedKNN", "CvigSegmentMean", "CvigGatherMaxRel")
+
+
+def load_plugin_library(trt, path: Path) -> None:
+    """Register libcvig_plugins.so with TensorRT's plugin registry, checking the result.
+
+    ``IPluginRegistry.load_library`` returns None instead of raising when it
+    fails, which includes a library whose creators are already registered (a
+    second session in one process): that case is fine, anything else is an
+    error that names the library and the fix.
+    """
+    registry = trt.get_plugin_registry()
+    try:
+        handle = registry.load_library(str(path))
+    except Exception as exc:  # bindings raise on e.g. a missing symbol
+        raise TensorRTUnavailable(f"TensorRT {trt.__version__} cannot load the plugin library {path} ({exc}); "
+                                  "rebuild it against this TensorRT (cmake -DCVIG_TRT_ROOT=...)") from None
+    if handle is None:
+        missing = [n for n in PLUGIN_NAMES if registry.get_creator(n, "1", "") is None]
+        if missing:
+            raise TensorRTUnavailable(f"TensorRT {trt.__version__} could not load the plugin library {path} and "
+                                      f"{', '.join(missing)} are not registered: check that it was built against this "
+                                      "TensorRT (cmake -DCVIG_TRT_ROOT=...) and exports getCreators")
+
+
 def build_command_hint(onnx_path: Path, engine_path: Path, batch, img_size: int, tf32: bool = False) -> str:
     shapes = ""
     if batch.dynamic:
@@ -42,7 +67,7 @@ def build_engine(onnx_path: Path, engine_path: Path, batch, img_size: int, works
     trt = tensorrt_module()
     logger = trt.Logger(trt.Logger.WARNING)
     if plugin_library is not None:
-        trt.get_plugin_registry().load_library(str(plugin_library))
+        load_plugin_library(trt, Path(plugin_library))
     builder = trt.Builder(logger)
     flags = 0
     major = int(trt.__version__.split(".")[0])

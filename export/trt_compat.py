@@ -1,9 +1,9 @@
 """Static check of an ONNX graph against the TensorRT operator limits the project relies on.
 
-TensorRT cannot be installed on the machines that export (TENSORRT.md), so
+TensorRT cannot be installed on the machines that export (docs/tensorrt.md), so
 an op it rejects would only show up on the GPU machine, after the export was
 declared good. This check reads the graph for the limits listed in
-TENSORRT.md ("Operator limits met by this model") and returns one line per
+docs/tensorrt.md section 5 ("Operator limits met by this model") and returns one line per
 offending node; ``cvig-export`` records the lines in report.json and prints
 them. Plugin nodes (custom domains) are TensorRT's plugin registry's business
 and are skipped.

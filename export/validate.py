@@ -3,7 +3,7 @@
 For each artifact: max |Δlogits|, cosine of logits, top-1 agreement, and the
 graph decisions inside every DEGC: k-means label agreement and k-NN
 neighbour agreement (fraction of (token, neighbour) pairs shared), read from
-the graph by the stable names of DESIGN.md section 4.
+the graph by the stable names of docs/design.md section 4.
 """
 from __future__ import annotations
 
@@ -48,6 +48,15 @@ def degc_boundary_tensors(model: onnx.ModelProto) -> Dict[str, Tuple[str, str]]:
                     if src.startswith(scope) and t is not None and t.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) \
                             and len(t.shape.dim) == rank:
                         found.setdefault(piece, x)
+        # plugin graph: shape inference knows nothing of the Cvig* outputs, so the boundaries are found
+        # by the names the surgery gives: the int64 cast of a plugin output, else the plugin's own int32
+        # output (G-MRGCN's gather-max-rel reads the k-NN's int32 indices directly)
+        names = {n.name: n for n in model.graph.node}
+        for piece, cast, plugin in (("kmeans", "labels_to_int64", "CvigKMeans"),
+                                    ("knn", "idx_to_int64", "CvigPartitionedKNN")):
+            node = names.get(f"{pre}/{piece}/{cast}") or names.get(f"{pre}/{piece}/{plugin}")
+            if piece not in found and node is not None:
+                found[piece] = node.output[0]
         if "kmeans" in found and "knn" in found:
             out[pre] = (found["kmeans"], found["knn"])
     return out
@@ -58,8 +67,10 @@ def with_debug_outputs(model: onnx.ModelProto, names: List[str]) -> onnx.ModelPr
     dbg.CopyFrom(model)
     inferred = onnx.shape_inference.infer_shapes(model)
     types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
-    for name in names:
-        dbg.graph.output.append(helper.make_tensor_value_info(name, types[name], None))
+    plugin_outputs = {o for n in model.graph.node if n.op_type.startswith("Cvig") for o in n.output}
+    for name in names:  # untyped: a plugin output (int32) or the int64 cast of one
+        default = onnx.TensorProto.INT32 if name in plugin_outputs else onnx.TensorProto.INT64
+        dbg.graph.output.append(helper.make_tensor_value_info(name, types.get(name, default), None))
     return dbg
 
 
@@ -122,11 +133,20 @@ def torch_outputs(model: ClusterViG, x: torch.Tensor) -> Dict[str, np.ndarray]:
 
 
 def neighbor_agreement(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean over tokens of |N_a(v) ∩ N_b(v)| / K for [B, N, K] index tensors."""
+    """Mean over tokens of |N_a(v) ∩ N_b(v)| / max(|N_a(v)|, |N_b(v)|) for [B, N, K] index tensors.
+
+    Neighbour sets, not slots: a partition smaller than K repeats the token
+    itself in its missing slots, so identical outputs score 1 (dividing by K
+    would cap them below 1), and two outputs that only order equal
+    similarities differently score 1 too.
+    """
     k = a.shape[-1]
     a2, b2 = a.reshape(-1, k), b.reshape(-1, k)
-    shared = [len(set(r1.tolist()) & set(r2.tolist())) for r1, r2 in zip(a2, b2)]
-    return float(np.mean(shared) / k)
+    per = []
+    for r1, r2 in zip(a2, b2):
+        s1, s2 = set(r1.tolist()), set(r2.tolist())
+        per.append(len(s1 & s2) / max(len(s1), len(s2)))
+    return float(np.mean(per))
 
 
 def compare(ref: Dict[str, np.ndarray], out: Dict[str, np.ndarray]) -> Dict:

@@ -187,11 +187,12 @@ class TrtSession(Session):
         self.cuda_graph = cuda_graph
         logger = trt.Logger(trt.Logger.WARNING)
         if plugin_library is not None:
+            from clustervig.export.trt_build import TensorRTUnavailable, load_plugin_library
+
             try:
-                trt.get_plugin_registry().load_library(str(plugin_library))
-            except Exception as exc:
-                raise RuntimeErrorWithFix(f"TensorRT {trt.__version__} cannot load the plugin library {plugin_library} "
-                                          f"({exc}); rebuild it against this TensorRT (CVIG_TRT_ROOT)") from None
+                load_plugin_library(trt, Path(plugin_library))
+            except TensorRTUnavailable as exc:
+                raise RuntimeErrorWithFix(str(exc)) from None
         runtime = trt.Runtime(logger)
         engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
         if engine is None:

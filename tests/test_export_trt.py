@@ -39,3 +39,40 @@ def test_engine_builds_and_runs(tmp_path):
     plan = build_engine(tmp_path / "m.onnx", tmp_path / "m.plan", BatchSpec(1, 2, 4), 224)
     assert plan.stat().st_size > 0
     assert run_compare([plan], model, 1e-3, 1e-3, "photos", 2)
+
+
+class _Registry:
+    """Stands in for trt.IPluginRegistry: load_library's None return, creators already registered or not."""
+
+    def __init__(self, handle, registered, raises=None):
+        self.handle, self.registered, self.raises = handle, registered, raises
+
+    def load_library(self, path):
+        if self.raises:
+            raise self.raises
+        return self.handle
+
+    def get_creator(self, name, version, namespace=""):
+        return object() if name in self.registered and version == "1" and namespace == "" else None
+
+
+class _Trt:
+    __version__ = "10.3.0"
+
+    def __init__(self, registry):
+        self.registry = registry
+
+    def get_plugin_registry(self):
+        return self.registry
+
+
+def test_plugin_library_load_result_is_checked(tmp_path):
+    from clustervig.export.trt_build import PLUGIN_NAMES, load_plugin_library
+
+    lib = tmp_path / "libcvig_plugins.so"
+    load_plugin_library(_Trt(_Registry(object(), ())), lib)  # loaded
+    load_plugin_library(_Trt(_Registry(None, PLUGIN_NAMES)), lib)  # None, but already registered: a second session
+    with pytest.raises(TensorRTUnavailable, match=r"could not load the plugin library .*CvigKMeans, CvigPartitionedKNN"):
+        load_plugin_library(_Trt(_Registry(None, ("CvigSegmentMean", "CvigGatherMaxRel"))), lib)
+    with pytest.raises(TensorRTUnavailable, match="cannot load the plugin library .*undefined symbol"):
+        load_plugin_library(_Trt(_Registry(None, (), raises=RuntimeError("undefined symbol: getCreators"))), lib)

@@ -1,4 +1,4 @@
-"""Static form == reference form (DESIGN.md section 3): max |dlogits| <= 1e-4 in FP32."""
+"""Static form == reference form (docs/design.md section 3): max |dlogits| <= 1e-4 in FP32."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""k-means of DEGC (DESIGN.md 2.2) against independent implementations."""
+"""k-means of DEGC (docs/design.md section 2.2) against independent implementations."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +12,7 @@ from conftest import clustered_tokens
 
 
 def lloyd_numpy(xn: np.ndarray, k: int, iters: int) -> np.ndarray:
-    """Plain-loop Lloyd with the DESIGN.md rules, written independently of clustervig."""
+    """Plain-loop Lloyd with the rules of docs/design.md section 2.2, written independently of clustervig."""
     n = xn.shape[0]
     cent = np.stack([xn[(2 * i + 1) * n // (2 * k)] for i in range(k)]).astype(np.float64)
 

@@ -1,4 +1,4 @@
-"""Partitioned k-NN (DESIGN.md 2.3) against a numpy brute force."""
+"""Partitioned k-NN (docs/design.md section 2.3) against a numpy brute force."""
 from __future__ import annotations
 
 import numpy as np

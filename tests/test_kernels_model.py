@@ -52,9 +52,11 @@ def test_kernel_path_equals_static_form(name, gcn, seed):
     logits, xn, nb = trace(model, x)
     model.set_kernels(False)
     assert not model.kernels
-    # end to end: every block's neighbours (hence partitions) identical, logits within 1e-4
+    # end to end: every block's neighbour sets (hence partitions) identical, logits within 1e-4. Sets, not
+    # slot order: similarities equal up to the last float bit may swap places between a BLAS matmul and
+    # the kernel's fixed-tree dot product; every local update aggregates over the set
     for i, ((ri, rv), (ki, kv)) in enumerate(zip(ref_nb, nb)):
-        assert torch.equal(ri, ki) and torch.equal(rv, kv), f"neighbours of block {i}"
+        assert torch.equal(ri.sort(-1).values, ki.sort(-1).values) and torch.equal(rv, kv), f"neighbours of block {i}"
     assert (logits - ref_logits).abs().max().item() <= 1e-4
     # teacher-forced, on the pure form's own tokens: k-means labels and k-NN identical
     for d, t in zip(model.degc_modules(), ref_xn):
@@ -64,7 +66,8 @@ def test_kernel_path_equals_static_form(name, gcn, seed):
             t.shape[0]).repeat_interleave(t.shape[1]), minlength=d.clusters * t.shape[0]).view(t.shape[0], -1))
         idx, valid = torch_ops.partitioned_knn(t, lab, d.k)
         ri, rv = knn_masked(t, lab.long(), d.k)
-        assert torch.equal(idx.long(), ri) and torch.equal(valid.bool(), rv)
+        assert torch.equal(idx.long().sort(-1).values, ri.sort(-1).values) and torch.equal(valid.bool(), rv)
+        assert torch.equal(idx[..., 0].long(), ri[..., 0])  # self first
 
 
 def test_kernel_segment_mean_and_gather_match_torch():

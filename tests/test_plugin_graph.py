@@ -136,21 +136,23 @@ def with_graph_outputs(model: onnx.ModelProto, names):
     return out
 
 
-def degc_tensors(pg: onnx.ModelProto):
-    """Per block, the int64 labels and neighbour indices the rest of the graph reads (same names in both graphs)."""
-    labels = [n.output[0] for n in pg.graph.node if n.name.endswith("/kmeans/labels_to_int64")]
-    idx = [n.output[0] for n in pg.graph.node if n.name.endswith("/knn/idx_to_int64")]
-    return labels, idx
-
-
 def run_both(pure: onnx.ModelProto, x: np.ndarray):
+    """Logits, then every block's labels, then every block's neighbour indices, of both graphs.
+
+    The boundaries are found by the export validation's own lookup (stable names; in the plugin
+    graph the plugins' outputs), so this also checks what the export report compares.
+    """
+    from clustervig.export.validate import degc_boundary_tensors
+
     pg, _ = to_plugin_graph(pure)
-    labels, idx = degc_tensors(pg)
-    names = labels + idx
-    a = ort.InferenceSession(with_graph_outputs(pure, names).SerializeToString(),
+    bp, bg = degc_boundary_tensors(pure), degc_boundary_tensors(pg)
+    assert list(bp) == list(bg) and len(bp) > 0
+    a = ort.InferenceSession(with_graph_outputs(pure, [t for p in bp.values() for t in p]).SerializeToString(),
                              providers=["CPUExecutionProvider"]).run(None, {"images": x})
-    b = ort_session(with_graph_outputs(pg, names)).run(None, {"images": x})
-    return a, b, len(labels)
+    b = ort_session(with_graph_outputs(pg, [t for p in bg.values() for t in p])).run(None, {"images": x})
+    # reorder [logits, l0, i0, l1, i1, ...] -> [logits, l0, l1, ..., i0, i1, ...]
+    order = lambda outs: [outs[0]] + outs[1::2] + outs[2::2]  # noqa: E731
+    return order(a), order(b), len(bp)
 
 
 @pytest.mark.parametrize("name,seed", [("cvig_nano", 0), ("cvig_ti", 1)])
@@ -158,9 +160,23 @@ def test_plugin_graph_host_kernels_keep_labels_and_neighbours(tmp_path, name, se
     model, photos, g = exported(tmp_path, name, seed)
     a, b, depth = run_both(g, photos.numpy())
     assert depth == model.cfg.depth
-    for i, (u, v) in enumerate(zip(a[1:], b[1:])):
-        np.testing.assert_array_equal(u, v, err_msg=f"{'labels' if i < depth else 'neighbours'} of block {i % depth}")
+    assert len(a) == len(b) == 1 + 2 * depth
+    assert_same_graph(a, b, depth)
     assert np.abs(a[0] - b[0]).max() <= 1e-4
+
+
+def assert_same_graph(a, b, depth):
+    """Every block's labels equal; every token's neighbour set equal.
+
+    Sets, not slot order: two neighbours whose similarities differ in the last
+    float bit may come out in either order from ONNX Runtime's blocked matmul
+    and the kernel's fixed-tree dot product (seen once in 14,112 slots of
+    cvig_ti), and every local update aggregates over the set.
+    """
+    for blk in range(depth):
+        np.testing.assert_array_equal(a[1 + blk], b[1 + blk], err_msg=f"labels of block {blk}")
+        np.testing.assert_array_equal(np.sort(a[1 + depth + blk], -1), np.sort(b[1 + depth + blk], -1),
+                                      err_msg=f"neighbours of block {blk}")
 
 
 def test_plugin_graph_calls_the_host_kernels(tmp_path, monkeypatch):
@@ -191,8 +207,8 @@ def test_plugin_graph_digits_test_split(tmp_path):
     _, te = digits_split()
     x = te.images.numpy()
     a, b, depth = run_both(onnx.load(str(tmp_path / "digits.onnx")), x)
-    for u, v in zip(a[1:], b[1:]):
-        np.testing.assert_array_equal(u, v)
+    assert len(a) == 1 + 2 * depth
+    assert_same_graph(a, b, depth)
     assert np.abs(a[0] - b[0]).max() <= 1e-4
     y = te.labels.numpy()
     top_pure, top_plugin = (a[0].argmax(1) == y).mean(), (b[0].argmax(1) == y).mean()

@@ -6,8 +6,10 @@
 
 namespace {
 
+constexpr int kMaxThreads = 1024;
+
 template <typename T>
-__global__ void kmeans_kernel(const T* __restrict__ xn, int N, int C, int k, int iters, int32_t* __restrict__ labels,
+__global__ void __launch_bounds__(kMaxThreads) kmeans_kernel(const T* __restrict__ xn, int N, int C, int k, int iters, int32_t* __restrict__ labels,
                               int32_t* __restrict__ counts) {
     extern __shared__ float smem[];
     const cvig::KMeansImage<T> s = cvig::kmeans_image(xn + static_cast<size_t>(blockIdx.x) * N * C, N, C, k, smem);
@@ -28,7 +30,7 @@ int launch(const void* xn, int B, int N, int C, int k, int iters, int32_t* label
         return CVIG_CUDA_ERROR;
     }
     // Few images: wide blocks so one image uses a whole SM; many: narrower blocks, several per SM.
-    const int threads = B < sms ? 1024 : 256;
+    const int threads = B < sms ? kMaxThreads : 256;
     kmeans_kernel<T><<<B, threads, smem, s>>>(static_cast<const T*>(xn), N, C, k, iters, labels, counts);
     return cvig::launch_status();
 }

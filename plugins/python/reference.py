@@ -1,4 +1,4 @@
-"""numpy reference implementations of the plugin ops (DESIGN.md section 2).
+"""numpy reference implementations of the plugin ops (docs/design.md section 2).
 
 Plain loops over images and partitions: slow, obvious, and independent of
 the PyTorch model code, so they can judge both the model and the kernels.
