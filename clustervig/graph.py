@@ -64,7 +64,10 @@ def kmeans(xn: Tensor, k: int, iters: int) -> Tensor:
     b, n = xn.shape[:2]
     if k == 1:  # one partition: nothing to cluster (the ViG baseline)
         return torch.zeros(b, n, dtype=torch.long, device=xn.device)
-    idx = torch.tensor(kmeans_init_indices(n, k), device=xn.device)
+    if xn.is_cuda:  # computed on the device: a host-to-device copy cannot be captured in a CUDA graph
+        idx = (2 * torch.arange(k, device=xn.device) + 1) * n // (2 * k)
+    else:  # CPU (and every ONNX export): a constant of the graph
+        idx = torch.tensor(kmeans_init_indices(n, k), device=xn.device)
     centroids = xn.index_select(1, idx)
     for _ in range(iters):
         labels = kmeans_assign(xn, centroids)

@@ -122,3 +122,13 @@ def test_segment_mean_empty_partition_is_zero():
     np.testing.assert_allclose(z[0, 0].numpy(), x[0, [0, 2]].mean(0).numpy())
     np.testing.assert_allclose(z[0, 2].numpy(), x[0, [1, 3]].mean(0).numpy())
     assert torch.all(z[0, 1] == 0)
+
+
+def test_device_side_init_indices_equal_the_rule():
+    # kmeans() computes the initial indices with arange on CUDA tensors (capturable in a CUDA graph);
+    # the formula must give exactly (2i+1)*N // (2k)
+    from clustervig.graph import kmeans_init_indices
+
+    for n in (1, 2, 7, 37, 64, 196, 784, 3136):
+        for k in range(1, min(n, 9) + 1):
+            assert ((2 * torch.arange(k) + 1) * n // (2 * k)).tolist() == kmeans_init_indices(n, k)
