@@ -99,8 +99,9 @@ def markdown(res: Dict) -> str:
         f"`python -m bench.plugins_cpu` — {m['date']}, {m['cpu_count']} CPU cores, torch {m['torch']}, "
         f"onnxruntime {m.get('onnxruntime', '?')}; milliseconds per batch, median (min–max) of {res['repeats']} "
         "interleaved runs. The plugin graph's Cvig* ops and `set_kernels(True)` run `libcvig_kernels_host.so`, "
-        "the host build of the CUDA kernels' source (one image per thread, no SIMD beyond what the compiler finds). "
-        "Speed-up > 1 means the kernels are faster.",
+        "the host build of the CUDA kernels' source (images over threads, AVX2 where the CPU has it, bit-identical "
+        "to the CUDA build); the plugin graph also pays onnxruntime-extensions' Python-op bridge (inputs and outputs "
+        "cross into Python at every Cvig* node). Speed-up > 1 means the kernels are faster.",
         "",
         "| model | batch | ORT pure FP32 | ORT plugin graph | speed-up | PyTorch static | PyTorch kernels | speed-up |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",

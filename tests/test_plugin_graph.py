@@ -213,3 +213,11 @@ def test_plugin_graph_digits_test_split(tmp_path):
     y = te.labels.numpy()
     top_pure, top_plugin = (a[0].argmax(1) == y).mean(), (b[0].argmax(1) == y).mean()
     assert top_plugin == top_pure and top_pure >= 0.97
+
+
+def test_python_op_outputs_cross_as_arrays():
+    # onnxruntime-extensions' stock bridge turns every output into a Python list (seconds per cvig_ti
+    # batch); ort_ops installs a hook that hands arrays over: this fails if the package's internals move
+    from clustervig.plugins import ort_ops
+
+    assert ort_ops._install_array_hook()

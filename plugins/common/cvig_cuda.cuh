@@ -14,6 +14,7 @@ namespace cvig {
 // __host__ __device__ only so that the shared HD templates can name them; they
 // do nothing outside device code.
 struct BlockExec {
+    static constexpr int kChannels = 1;  // per-channel items: consecutive threads read consecutive channels
     template <typename F>
     __host__ __device__ void items(int n, F f) {
 #ifdef __CUDA_ARCH__

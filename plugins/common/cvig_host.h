@@ -8,11 +8,22 @@
 #include <thread>
 #include <vector>
 
+// Per-image host entry points (everything they call inlined: flatten) are compiled twice on x86-64, for AVX2 and for the
+// baseline, and the loader picks one (GCC/Clang function multiversioning). The
+// wider vectors change no result: each lane's sum keeps its order, and no
+// multiply-add is contracted (-ffp-contract=off).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CVIG_NO_CLONES)
+#define CVIG_HOST_SIMD __attribute__((target_clones("avx2", "default"), flatten))
+#else
+#define CVIG_HOST_SIMD
+#endif
+
 namespace cvig {
 
 // Runs a phase serially: every item in order (warp items once, as lane 0; the
 // warp collectives of cvig_hd.h evaluate all 32 lanes themselves).
 struct SerialExec {
+    static constexpr int kChannels = 32;  // 32 channels per item: independent sums the compiler vectorises
     template <typename F>
     void items(int n, F f) {
         for (int i = 0; i < n; ++i) f(i);

@@ -9,17 +9,35 @@
 namespace {
 
 template <typename T>
+void one_image(const T* x, int N, int C, int k, int iters, void* ws, int32_t* labels, int32_t* counts) {
+    const cvig::KMeansImage<T> s = cvig::kmeans_image(x, N, C, k, ws);
+    cvig::SerialExec ex;
+    cvig::kmeans_run(s, iters, ex);
+    for (int v = 0; v < N; ++v) labels[v] = s.lab[v];
+    for (int j = 0; j < k; ++j) counts[j] = s.cnt[j];
+}
+
+CVIG_HOST_SIMD void image_f32(const float* x, int N, int C, int k, int iters, void* ws, int32_t* l, int32_t* c) {
+    one_image(x, N, C, k, iters, ws, l, c);
+}
+CVIG_HOST_SIMD void image_f16(const cvig::f16* x, int N, int C, int k, int iters, void* ws, int32_t* l, int32_t* c) {
+    one_image(x, N, C, k, iters, ws, l, c);
+}
+void image(const float* x, int N, int C, int k, int iters, void* ws, int32_t* l, int32_t* c) {
+    image_f32(x, N, C, k, iters, ws, l, c);
+}
+void image(const cvig::f16* x, int N, int C, int k, int iters, void* ws, int32_t* l, int32_t* c) {
+    image_f16(x, N, C, k, iters, ws, l, c);
+}
+
+template <typename T>
 int run(const void* xn, int B, int N, int C, int k, int iters, int32_t* labels, int32_t* counts) {
     const size_t ws_bytes = cvig::kmeans_smem_bytes(N, C, k);
     if (ws_bytes > static_cast<size_t>(CVIG_HOST_SMEM_LIMIT)) return CVIG_UNSUPPORTED_SIZE;
     cvig::parallel_for(B, [&](long long b) {
         std::vector<float> ws((ws_bytes + sizeof(float) - 1) / sizeof(float));
-        const T* x = static_cast<const T*>(xn) + static_cast<size_t>(b) * N * C;
-        const cvig::KMeansImage<T> s = cvig::kmeans_image(x, N, C, k, ws.data());
-        cvig::SerialExec ex;
-        cvig::kmeans_run(s, iters, ex);
-        for (int v = 0; v < N; ++v) labels[static_cast<size_t>(b) * N + v] = s.lab[v];
-        for (int j = 0; j < k; ++j) counts[static_cast<size_t>(b) * k + j] = s.cnt[j];
+        image(static_cast<const T*>(xn) + static_cast<size_t>(b) * N * C, N, C, k, iters, ws.data(),
+              labels + static_cast<size_t>(b) * N, counts + static_cast<size_t>(b) * k);
     });
     return CVIG_OK;
 }

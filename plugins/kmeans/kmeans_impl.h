@@ -113,23 +113,39 @@ CVIG_HD void km_members(const KMeansImage<T>& s, int j, int lane) {
     }
 }
 
-// item c of [0, C): channel c of every non-empty centroid = FP64 mean of its members, in token order
-template <typename T>
-CVIG_HD void km_update(const KMeansImage<T>& s, int c) {
+// item i of [0, ceil(C / W)): channels [W*i, W*i + W) of every non-empty centroid = FP64 mean of its
+// members, each channel summed in token order. The GPU takes W = 1 (a thread per channel, coalesced
+// across threads); the host W = 32 (32 independent sums per pass over a member's row, which the
+// compiler vectorises). Either way each channel's sum is the same sequence of additions.
+template <int W, typename T>
+CVIG_HD void km_update(const KMeansImage<T>& s, int i) {
+    const int c0 = i * W;
+    const int m = s.C - c0 < W ? s.C - c0 : W;
     for (int j = 0; j < s.k; ++j) {
         const int n = s.cnt[j];
         if (n == 0) continue;  // an empty cluster keeps its centroid
-        double acc = 0.0;
-        for (int p = s.start[j]; p < s.start[j] + n; ++p) {
-            acc += static_cast<double>(load(s.x, static_cast<size_t>(s.order[p]) * s.C + c));
+        const int* members = s.order + s.start[j];
+        float* cent = s.cent + static_cast<size_t>(j) * s.C + c0;
+        if constexpr (W == 1) {  // a scalar, so that it stays in a register
+            double acc = 0.0;
+            for (int p = 0; p < n; ++p) acc += static_cast<double>(load(s.x, static_cast<size_t>(members[p]) * s.C + c0));
+            cent[0] = static_cast<float>(acc / n);
+        } else {
+            double acc[W];
+            for (int l = 0; l < m; ++l) acc[l] = 0.0;
+            for (int p = 0; p < n; ++p) {
+                const T* row = s.x + static_cast<size_t>(members[p]) * s.C + c0;
+                for (int l = 0; l < m; ++l) acc[l] += static_cast<double>(load(row, l));
+            }
+            for (int l = 0; l < m; ++l) cent[l] = static_cast<float>(acc[l] / n);
         }
-        s.cent[static_cast<size_t>(j) * s.C + c] = static_cast<float>(acc / n);
     }
 }
 
 // The whole algorithm for one image. Exec provides items(n, f) (f(i) for i in
-// [0, n)), warp_items(n, f) (f(i, lane)), single(f); each ends with a barrier.
-// On return s.lab and s.cnt hold the final labels and counts.
+// [0, n)), warp_items(n, f) (f(i, lane)), single(f), each ending with a barrier,
+// and kChannels, the channels one update item covers. On return s.lab and
+// s.cnt hold the final labels and counts.
 #ifdef __CUDACC__
 #pragma nv_exec_check_disable
 #endif
@@ -143,7 +159,8 @@ CVIG_HD void kmeans_run(const KMeansImage<T>& s, int iters, Exec& ex) {
         if (t == iters) break;  // T updates, T + 1 assignments
         ex.single([&]() { km_offsets(s); });
         ex.warp_items(s.k, [&](int j, int lane) { km_members(s, j, lane); });
-        ex.items(s.C, [&](int c) { km_update(s, c); });
+        constexpr int W = Exec::kChannels;
+        ex.items((s.C + W - 1) / W, [&](int i) { km_update<W>(s, i); });
     }
 }
 

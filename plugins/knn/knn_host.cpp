@@ -5,14 +5,21 @@
 namespace {
 
 template <typename T>
+void one_image(const cvig::KnnImage<T>& s) {
+    float best[CVIG_MAX_K];
+    int who[CVIG_MAX_K];
+    for (int v = 0; v < s.N; ++v) cvig::knn_token(s, v, 0, best, who);
+}
+
+CVIG_HOST_SIMD void image(const cvig::KnnImage<float>& s) { one_image(s); }
+CVIG_HOST_SIMD void image(const cvig::KnnImage<cvig::f16>& s) { one_image(s); }
+
+template <typename T>
 int run(const void* xn, const int32_t* labels, int B, int N, int C, int K, int32_t* idx, int32_t* valid) {
     cvig::parallel_for(B, [&](long long b) {
-        float best[CVIG_MAX_K];
-        int who[CVIG_MAX_K];
         const size_t img = static_cast<size_t>(b) * N;
-        const cvig::KnnImage<T> s{static_cast<const T*>(xn) + img * C, labels + img, N, C, K, idx + img * K,
-                                  valid + img * K};
-        for (int v = 0; v < N; ++v) cvig::knn_token(s, v, 0, best, who);
+        image(cvig::KnnImage<T>{static_cast<const T*>(xn) + img * C, labels + img, N, C, K, idx + img * K,
+                                valid + img * K});
     });
     return CVIG_OK;
 }

@@ -8,10 +8,46 @@ stays the independent judge of semantics.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from . import kernels
 
 ORT_DOMAIN = "ai.onnx.contrib"
 _REGISTERED = False
+
+
+def _install_array_hook() -> bool:
+    """Hand Python op outputs to onnxruntime-extensions as arrays instead of Python lists.
+
+    Its stock hook returns every output as ``array.flatten().tolist()``, which
+    the C++ side turns back into an array: ~130 ns per element, 40 ms for one
+    cvig_ti batch-8 gather-max-rel output, more than the kernel itself. The
+    C++ side accepts any array (it casts to ``py::array`` and copies the
+    buffer), so this hook returns contiguous flat arrays; string outputs keep
+    the list form the C++ side needs for them. Returns False, leaving the
+    stock hook, where the package's internals are not the ones this was
+    written against (0.15).
+    """
+    try:
+        from onnxruntime_extensions import _ocos
+        from onnxruntime_extensions._extensions_pydll import PyCustomOpDef
+    except ImportError:
+        return False
+    opdefs = getattr(getattr(_ocos, "Opdef", None), "_odlist", None)
+    if opdefs is None or not hasattr(PyCustomOpDef, "install_hooker"):
+        return False
+
+    def invoke(k_id, feed, attributes):
+        op = opdefs[k_id]
+        rv = op.body(*feed, **op.cast_attributes(attributes))
+        res = []
+        for r in rv if isinstance(rv, tuple) else (rv,):
+            r = np.asarray(r)
+            res += [r.shape, r.flatten().tolist() if r.dtype.kind in "OUS" else np.ascontiguousarray(r).reshape(-1)]
+        return (k_id,) + tuple(res)
+
+    PyCustomOpDef.install_hooker(invoke)
+    return True
 
 
 def register() -> str:
@@ -43,5 +79,6 @@ def register() -> str:
         def _gather_max_rel(x, idx):
             return kernels.gather_max_rel(x, idx, lib=lib)
 
+        _install_array_hook()
         _REGISTERED = True
     return get_library_path()
