@@ -123,3 +123,26 @@ def update_section(key: str, markdown: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     BENCHMARKS_MD.write_text(text)
+
+
+def cuda_graphed(model, x) -> Callable[[], object]:
+    """Capture one forward at this shape into a CUDA graph (after warm-up on a side stream); returns replay."""
+    import torch
+
+    static_x = x.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.inference_mode():
+        for _ in range(2):
+            model(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.inference_mode():
+        static_y = model(static_x)
+
+    def replay():
+        graph.replay()
+        return static_y
+
+    replay.graph = graph  # keeps the graph (and its memory pool) alive with the callable
+    return replay

@@ -40,26 +40,6 @@ def cuda_times(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int =
     return out
 
 
-def graphed(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """Capture one forward at this shape into a CUDA graph; the returned call replays it."""
-    static_x = x.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.inference_mode():
-        for _ in range(2):
-            model(static_x)
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g), torch.inference_mode():
-        static_y = model(static_x)
-
-    def replay():
-        g.replay()
-        return static_y
-
-    return replay
-
-
 def run(sizes: Sequence[str], batches: Sequence[int], repeats: int) -> Dict:
     if not torch.cuda.is_available():
         return {"machine": machine(), "skipped": "no CUDA device on this machine (torch.cuda.is_available() is False)"}
@@ -80,7 +60,7 @@ def run(sizes: Sequence[str], batches: Sequence[int], repeats: int) -> Dict:
                 try:
                     fns[f"{label}/eager-fp32"] = (lambda m=m32, x=x32: _infer(m, x))
                     fns[f"{label}/eager-fp16"] = (lambda m=m16, x=x16: _infer(m, x))
-                    fns[f"{label}/cudagraph-fp16"] = graphed(m16, x16)
+                    fns[f"{label}/cudagraph-fp16"] = common.cuda_graphed(m16, x16)
                 except torch.cuda.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     rows.append({"size": size, "model": label, "batch": b, "oom": True})

@@ -278,29 +278,6 @@ def sample_images(cfg) -> Tuple[object, str]:
     return synthetic_images(8, cfg.img_size), "8 synthetic images, tiled (scikit-image/Pillow not installed)"
 
 
-def _graphed(model, x) -> Callable[[], object]:
-    """Capture one forward at this shape into a CUDA graph (after warm-up on a side stream); returns replay."""
-    import torch
-
-    static_x = x.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.inference_mode():
-        for _ in range(2):
-            model(static_x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.inference_mode():
-        static_y = model(static_x)
-
-    def replay():
-        graph.replay()
-        return static_y
-
-    replay.graph = graph  # keeps the graph (and its memory pool) alive with the callable
-    return replay
-
-
 def _describe(exc: BaseException) -> Dict:
     import torch
 
@@ -413,7 +390,7 @@ def step_models(plan: Dict, device: str = "cuda") -> Dict:
                             elif mode == "eager-fp16":
                                 cells[key] = lambda m=m16, x=x16: _infer(m, x)
                             else:
-                                cells[key] = _graphed(m16, x16)
+                                cells[key] = common.cuda_graphed(m16, x16)
                         except Exception as exc:  # noqa: BLE001 - per cell (OOM, capture refused, ...)
                             failed[key] = _describe(exc)
                             if "error" in failed[key] and mode.startswith("cudagraph"):
