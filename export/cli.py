@@ -260,8 +260,12 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
                     build_engine(path, plan, bspec, model.cfg.img_size, workspace, timing_cache, tf32=tf32)
                     engines[name] = plan
                 except TensorRTUnavailable:
+                    hints = [build_command_hint(out / p.name, out / f"model_{n}.plan", bspec, model.cfg.img_size, tf32,
+                                                "build/plugins/libcvig_plugins.so" if n == "plugins" else None)
+                             for n, p in artifacts.items()]
                     click.echo(f"      TensorRT is not installed here: the ONNX artifacts are ready in {out}/. "
-                               f"To build an engine: {build_command_hint(out / path.name, out / plan.name, bspec, model.cfg.img_size, tf32)}", err=True)
+                               "Where TensorRT is installed, cvig-export builds the engines itself; or run:\n        "
+                               + "\n        ".join(hints), err=True)
                     break
         else:
             click.echo("      skipped (--no-engine)", err=True)

@@ -50,14 +50,17 @@ def load_plugin_library(trt, path: Path) -> None:
                                       "TensorRT (cmake -DCVIG_TRT_ROOT=...) and exports getCreators")
 
 
-def build_command_hint(onnx_path: Path, engine_path: Path, batch, img_size: int, tf32: bool = False) -> str:
+def build_command_hint(onnx_path: Path, engine_path: Path, batch, img_size: int, tf32: bool = False,
+                       plugin_library: Optional[str] = None) -> str:
+    """The trtexec command that builds the engine cvig-export would build (strongly typed, TF32 off)."""
     shapes = ""
     if batch.dynamic:
         hw = f"3x{img_size}x{img_size}"
         shapes = (f" --minShapes=images:{batch.min}x{hw} --optShapes=images:{batch.opt}x{hw}"
                   f" --maxShapes=images:{batch.max}x{hw}")
-    return (f"cvig-export ... --engine on a machine with TensorRT, or: trtexec --onnx={onnx_path} "
-            f"--saveEngine={engine_path} --stronglyTyped{'' if tf32 else ' --noTF32'}{shapes}")
+    plugins = f" --dynamicPlugins={plugin_library}" if plugin_library else ""
+    return (f"trtexec --onnx={onnx_path} --saveEngine={engine_path} --stronglyTyped"
+            f"{'' if tf32 else ' --noTF32'}{shapes}{plugins}")
 
 
 def build_engine(onnx_path: Path, engine_path: Path, batch, img_size: int, workspace_mib: int = 2048,

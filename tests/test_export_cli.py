@@ -63,8 +63,10 @@ def test_export_writes_artifacts_and_report(exported):
     assert report["artifacts"]["fp16"]["precision_of_compute_ops"]["Conv"]["fp32"] == 0
     assert report["artifacts"]["fp32"]["nodes"] > 1000 and report["artifacts"]["fp32"]["bytes"] > 0
     assert set(report["timings_s"]) >= {"export_fp32", "export_fp16", "validate"}
-    assert "TensorRT is not installed here" in res.output and "trtexec --onnx=" in res.output
-    assert "--noTF32" in res.output  # FP32 islands must not silently run in TF32
+    assert "TensorRT is not installed here" in res.output and "--engine" not in res.output  # the default
+    for name in ("fp32", "fp16"):  # one trtexec line per artifact written
+        assert f"trtexec --onnx={out / f'model_{name}.onnx'} --saveEngine={out / f'model_{name}.plan'}" in res.output
+    assert res.output.count("--noTF32") == 2  # FP32 islands must not silently run in TF32
     assert "fp32 vs pytorch" in res.output  # summary table printed
     # FP16 error as a GPU would see it (per-op rounding), next to ONNX Runtime's own FP16 run
     emu = val["photos"]["fp16-emulated vs fp32"]

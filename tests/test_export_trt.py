@@ -24,6 +24,9 @@ def test_build_hint_names_shapes():
     # TF32 is on by default in TensorRT: FP32 islands need it off, unless asked for
     assert "--noTF32" in hint
     assert "--noTF32" not in build_command_hint("out/m.onnx", "out/m.plan", BatchSpec(1, 1, 1), 224, tf32=True)
+    assert hint.startswith("trtexec ") and "--engine" not in hint
+    plug = build_command_hint("out/p.onnx", "out/p.plan", BatchSpec(1, 1, 1), 224, plugin_library="lib/libcvig_plugins.so")
+    assert plug.endswith("--dynamicPlugins=lib/libcvig_plugins.so") and "Shapes" not in plug
 
 
 @pytest.mark.trt

@@ -116,6 +116,7 @@ def test_cli_plugins(tmp_path):
     res = CliRunner().invoke(export_main, ["--model", "cvig_nano", "--plugins", "--no-engine", "-o", str(tmp_path)])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "model_plugins.onnx").is_file()
+    assert f"trtexec --onnx={tmp_path / 'model_plugins.onnx'}" in res.output and "--dynamicPlugins=" in res.output
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["plugins"]["replaced"]["CvigKMeans"] == 3
     assert report["validation"]["results"]["photos"]["plugins vs fp32"]["max_abs_diff"] <= 1e-5

@@ -130,9 +130,14 @@ class IndexPlugin : public PluginBase<Derived> {
 public:
     using PluginBase<Derived>::PluginBase;
 
-    int32_t getOutputDataTypes(nvinfer1::DataType* out, int32_t nbOutputs, nvinfer1::DataType const*,
-                               int32_t) const noexcept override {
-        if (nbOutputs != Derived::kNbOutputs) return -1;
+    // The same rules as supportsFormatCombination: a type it would refuse (BF16, INT8...) fails here,
+    // at network construction, instead of when TensorRT looks for a format.
+    int32_t getOutputDataTypes(nvinfer1::DataType* out, int32_t nbOutputs, nvinfer1::DataType const* in,
+                               int32_t nbInputs) const noexcept override {
+        if (nbOutputs != Derived::kNbOutputs || nbInputs != Derived::kNbInputs || !isFloat(in[0])) return -1;
+        for (int32_t i = 1; i < nbInputs; ++i) {
+            if (in[i] != nvinfer1::DataType::kINT32) return -1;
+        }
         for (int32_t i = 0; i < nbOutputs; ++i) out[i] = nvinfer1::DataType::kINT32;
         return 0;
     }

@@ -16,7 +16,10 @@ public:
 
     int32_t getOutputDataTypes(nvinfer1::DataType* out, int32_t nbOutputs, nvinfer1::DataType const* in,
                                int32_t nbInputs) const noexcept override {
-        if (nbOutputs != kNbOutputs || nbInputs != kNbInputs) return -1;
+        // the rules of supportsFormatCombination: float x, int32 labels
+        if (nbOutputs != kNbOutputs || nbInputs != kNbInputs || !isFloat(in[0]) || in[1] != nvinfer1::DataType::kINT32) {
+            return -1;
+        }
         out[0] = in[0];
         out[1] = nvinfer1::DataType::kINT32;
         return 0;
@@ -60,7 +63,10 @@ public:
 
     int32_t getOutputDataTypes(nvinfer1::DataType* out, int32_t nbOutputs, nvinfer1::DataType const* in,
                                int32_t nbInputs) const noexcept override {
-        if (nbOutputs != kNbOutputs || nbInputs != kNbInputs) return -1;
+        // the rules of supportsFormatCombination: float x, int32 indices
+        if (nbOutputs != kNbOutputs || nbInputs != kNbInputs || !isFloat(in[0]) || in[1] != nvinfer1::DataType::kINT32) {
+            return -1;
+        }
         out[0] = in[0];
         return 0;
     }
