@@ -25,6 +25,8 @@ from clustervig.checkpoint import CheckpointError, model_from_checkpoint
 from clustervig.preprocess import sample_photographs
 
 from .onnx_export import INPUT, OUTPUT, get_metadata
+from .plugin_graph import PLUGIN_DOMAIN, ort_session
+from .trt_build import TensorRTUnavailable, load_plugin_library
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-4
@@ -65,17 +67,26 @@ class CastingOnnxrtRunner(OnnxrtRunner):
         return OrderedDict((k, np.asarray(v, dtype=np.float32)) for k, v in out.items())
 
 
-def onnx_runner(path: Path) -> BaseRunner:
-    return CastingOnnxrtRunner(SessionFromOnnx(str(path), providers=["cpu"]), name=f"onnxrt:{Path(path).name}")
+def onnx_runner(path: Path, graph: Optional[onnx.ModelProto] = None) -> BaseRunner:
+    name = f"onnxrt:{Path(path).name}"
+    if graph is not None and any(n.domain == PLUGIN_DOMAIN for n in graph.graph.node):
+        # a plugin graph: its Cvig* nodes run the host build of the plugin kernels
+        return CastingOnnxrtRunner(lambda: ort_session(graph), name=name)
+    return CastingOnnxrtRunner(SessionFromOnnx(str(path), providers=["cpu"]), name=name)
 
 
-def trt_runner(path: Path) -> BaseRunner:
+def trt_runner(path: Path, plugins_lib: Optional[Path] = None) -> BaseRunner:
     try:
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-        import tensorrt  # noqa: F401
+        import tensorrt as trt
     except ImportError:
         raise click.ClickException(f"{path}: comparing a TensorRT engine needs the tensorrt package, which is not "
                                    "installed here") from None
+    if plugins_lib is not None:  # an engine of the plugin graph deserialises only with the plugins registered
+        try:
+            load_plugin_library(trt, plugins_lib)
+        except TensorRTUnavailable as exc:
+            raise click.ClickException(str(exc)) from None
     return TrtRunner(EngineFromBytes(Path(path).read_bytes()), name=f"tensorrt:{Path(path).name}")
 
 
@@ -92,14 +103,14 @@ def feeds(img_size: int, batch: int, kind: str) -> List[Dict[str, np.ndarray]]:
 
 
 def run_compare(artifacts: List[Path], model: Optional[clustervig.ClusterViG], atol: float, rtol: float,
-                inputs: str, batch: Optional[int]) -> bool:
+                inputs: str, batch: Optional[int], plugins_lib: Optional[Path] = None) -> bool:
     runners: List[BaseRunner] = []
     if model is not None:
         runners.append(TorchRunner(model, name="pytorch"))
     img_size, static_batch = None, None
     for p in artifacts:
         if p.suffix in (".plan", ".engine", ".trt"):
-            runners.append(trt_runner(p))
+            runners.append(trt_runner(p, plugins_lib))
             continue
         try:
             g = onnx.load(str(p), load_external_data=False)
@@ -109,7 +120,7 @@ def run_compare(artifacts: List[Path], model: Optional[clustervig.ClusterViG], a
         img_size = dims[2].dim_value or img_size
         if dims[0].dim_value:
             static_batch = dims[0].dim_value
-        runners.append(onnx_runner(p))
+        runners.append(onnx_runner(p, g))
     if img_size is None:
         img_size = model.cfg.img_size if model is not None else 224
     b = batch or static_batch or 1
@@ -126,6 +137,8 @@ Examples:
   cvig-compare out/model_fp32.onnx --checkpoint ck.pth          # PyTorch vs ONNX Runtime
   cvig-compare out/model_fp32.onnx out/model_fp16.onnx --atol 0.05 --rtol 0.05
   cvig-compare out/model_fp16.plan --checkpoint ck.pth          # needs TensorRT
+  cvig-compare out/model_fp32.onnx out/model_plugins.onnx        # plugin graph on the host kernels
+  cvig-compare out/model_fp32.onnx out/model_plugins.plan --plugins-lib build/plugins/libcvig_plugins.so
 """)
 @click.argument("artifacts", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
@@ -137,7 +150,10 @@ Examples:
 @click.option("--inputs", type=click.Choice(["photos", "random"]), default="photos",
               help="Real photographs (scikit-image) or random tensors.")
 @click.option("--batch", type=int, default=None, help="Batch size (default: the ONNX input's static batch, else 1).")
-def main(artifacts, checkpoint, model_name, atol, rtol, inputs, batch):
+@click.option("--plugins-lib", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="libcvig_plugins.so, for TensorRT engines of the plugin graph (plugin graphs in ONNX need none: "
+                   "they run on the host kernels).")
+def main(artifacts, checkpoint, model_name, atol, rtol, inputs, batch, plugins_lib):
     """Compare ClusterViG artifacts with each other and with PyTorch (Polygraphy Comparator).
     Exits non-zero when any pair differs beyond the tolerances."""
     model = None
@@ -158,7 +174,7 @@ def main(artifacts, checkpoint, model_name, atol, rtol, inputs, batch):
         except (CheckpointError, ValueError) as exc:
             raise click.ClickException(str(exc)) from None
         model.eval()
-    ok = run_compare(list(artifacts), model, atol, rtol, inputs, batch)
+    ok = run_compare(list(artifacts), model, atol, rtol, inputs, batch, plugins_lib)
     click.echo("PASSED" if ok else "FAILED")
     if not ok:
         raise SystemExit(1)

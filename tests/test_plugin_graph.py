@@ -113,11 +113,17 @@ def test_graph_without_metadata_is_refused(tmp_path):
 
 
 def test_cli_plugins(tmp_path):
-    res = CliRunner().invoke(export_main, ["--model", "cvig_nano", "--plugins", "--no-engine", "-o", str(tmp_path)])
+    lib = tmp_path / "libcvig_plugins.so"
+    lib.write_bytes(b"")  # only named in the printed trtexec line here (no TensorRT on this machine)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(export_main, ["--model", "cvig_nano", "--plugins", "--plugins-lib", str(lib), "-o", str(out)])
     assert res.exit_code == 0, res.output
-    assert (tmp_path / "model_plugins.onnx").is_file()
-    assert f"trtexec --onnx={tmp_path / 'model_plugins.onnx'}" in res.output and "--dynamicPlugins=" in res.output
-    report = json.loads((tmp_path / "report.json").read_text())
+    assert (out / "model_plugins.onnx").is_file()
+    assert f"trtexec --onnx={out / 'model_plugins.onnx'}" in res.output and f"--dynamicPlugins={lib}" in res.output
+    bad = CliRunner().invoke(export_main, ["--model", "cvig_nano", "--plugins-lib", str(tmp_path / "missing.so"),
+                                           "-o", str(tmp_path / "o2")])
+    assert bad.exit_code == 2 and "does not exist" in bad.output
+    report = json.loads((out / "report.json").read_text())
     assert report["plugins"]["replaced"]["CvigKMeans"] == 3
     assert report["validation"]["results"]["photos"]["plugins vs fp32"]["max_abs_diff"] <= 1e-5
     assert "CvigPartitionedKNN" in res.output
@@ -222,3 +228,16 @@ def test_python_op_outputs_cross_as_arrays():
     from clustervig.plugins import ort_ops
 
     assert ort_ops._install_array_hook()
+
+
+def test_compare_runs_plugin_graphs_on_the_host_kernels(tmp_path):
+    from clustervig.export.compare import main as compare_main
+
+    _, _, g = exported(tmp_path, "cvig_nano")
+    pg, _ = to_plugin_graph(g)
+    onnx.save(pg, str(tmp_path / "model_plugins.onnx"))
+    res = CliRunner().invoke(compare_main, [str(tmp_path / "cvig_nano.onnx"), str(tmp_path / "model_plugins.onnx"),
+                                            "--atol", "1e-4", "--rtol", "1e-4"])
+    assert res.exit_code == 0 and "PASSED" in res.output, res.output
+    res = CliRunner().invoke(compare_main, [str(tmp_path / "cvig_nano.onnx"), "--plugins-lib", str(tmp_path / "x.so")])
+    assert res.exit_code == 2 and "does not exist" in res.output

@@ -110,3 +110,37 @@ def test_plugin_library_builds_against_tensorrt_headers(tmp_path, root):
     assert b.returncode == 0, b.stdout + b.stderr  # -Wall -Wextra -Werror on the wrappers
     syms = subprocess.run(["nm", "-D", "--defined-only", str(build / "libcvig_plugins.so")], capture_output=True, text=True).stdout
     assert re.search(r"\bT getCreators\b", syms) and re.search(r"\bT setLoggerFinder\b", syms)
+
+
+@pytest.mark.trt
+@pytest.mark.skipif(not TRT_ROOTS, reason="set CVIG_TRT_HEADERS=<root>[:<root>] (dirs with include/NvInferRuntime.h, "
+                    "e.g. extracted from NVIDIA/TensorRT tags v10.3.0 and v11.1) to run the plugin harness")
+@pytest.mark.parametrize("root", TRT_ROOTS or ["-"])
+def test_plugin_harness_on_the_host(tmp_path, root):
+    """Creators, attribute limits, output types vs supported formats, and dlopen registration of
+    libcvig_plugins_autoreg.so (polygraphy --plugins), run on the host against a stand-in registry."""
+    build = tmp_path / "b"
+    cfg = subprocess.run(["cmake", "-S", str(PLUGINS), "-B", str(build), f"-DCVIG_TRT_ROOT={root}",
+                          "-DCVIG_CUDA_ARCHS=87"], capture_output=True, text=True)
+    assert cfg.returncode == 0, cfg.stdout + cfg.stderr
+    b = subprocess.run(["cmake", "--build", str(build), "-j2", "--target", "cvig_plugins_autoreg"],
+                       capture_output=True, text=True)
+    assert b.returncode == 0, b.stdout + b.stderr
+    version = (Path(root) / "include" / "NvInferVersion.h").read_text()
+    major = re.search(r"#define (?:TRT_MAJOR_ENTERPRISE|NV_TENSORRT_MAJOR) (\d+)", version).group(1)
+    cuda_inc = Path(shutil.which("nvcc")).resolve().parents[1] / "include"
+    fake_dir = tmp_path / "fake"
+    fake_dir.mkdir()
+    flags = ["-std=c++17", "-Wall", "-Wextra", "-Werror", "-Wno-deprecated-declarations",
+             "-isystem", f"{root}/include", "-isystem", "/usr/local/cuda/include", "-isystem", str(cuda_inc)]
+    fake = fake_dir / f"libnvinfer.so.{major}"
+    for cmd in (["g++", *flags, "-shared", "-fPIC", str(PLUGINS / "tests" / "fake_nvinfer.cpp"), "-o", str(fake)],
+                ["g++", *flags, str(PLUGINS / "tests" / "plugin_harness.cpp"), "-o", str(tmp_path / "harness"), "-ldl"]):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    cudart = [str(p) for p in (Path("/usr/local/cuda/lib64"), Path(shutil.which("nvcc")).resolve().parents[1] / "lib64")]
+    env = {**__import__("os").environ, "LD_LIBRARY_PATH": ":".join([str(fake_dir), str(build), *cudart])}
+    run = subprocess.run([str(tmp_path / "harness"), str(build / "libcvig_plugins.so"),
+                          str(build / "libcvig_plugins_autoreg.so"), str(fake)], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "autoreg registered the four creators on dlopen" in run.stdout and "checks passed" in run.stdout
