@@ -1,4 +1,4 @@
-// cvig_infer ENGINE.plan IMAGE [--spec preprocess.json] [--labels labels.txt] [--plugins libcvig_plugins.so]
+// cvig_infer ENGINE.plan IMAGE [--spec preprocess.json] [--labels labels.txt] [--plugins-lib libcvig_plugins.so]
 //            [--topk 5] [--cuda-graph]
 // Classifies one image with a ClusterViG TensorRT engine. Without --spec / --labels it reads the
 // preprocess.json and labels.txt that cvig-export writes beside the engine, when they are there.
@@ -12,7 +12,7 @@
 
 int main(int argc, char** argv) {
     if (argc < 3) {
-        std::cerr << "usage: cvig_infer ENGINE.plan IMAGE [--spec preprocess.json] [--labels labels.txt] [--plugins LIB]"
+        std::cerr << "usage: cvig_infer ENGINE.plan IMAGE [--spec preprocess.json] [--labels labels.txt] [--plugins-lib LIB]"
                      " [--topk K] [--cuda-graph]\n"
                      "  --spec and --labels default to preprocess.json and labels.txt beside ENGINE.plan (cvig-export writes them)\n";
         return 2;
@@ -24,7 +24,7 @@ int main(int argc, char** argv) {
         std::string a = argv[i];
         if (a == "--spec" && i + 1 < argc) specPath = argv[++i];
         else if (a == "--labels" && i + 1 < argc) labelsPath = argv[++i];
-        else if (a == "--plugins" && i + 1 < argc) plugins = argv[++i];
+        else if ((a == "--plugins-lib" || a == "--plugins") && i + 1 < argc) plugins = argv[++i];  // --plugins: older name
         else if (a == "--topk" && i + 1 < argc) topk = std::stoi(argv[++i]);
         else if (a == "--cuda-graph") graph = true;
         else {

@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "cvig/tensor_io.h"
+
 namespace nvinfer1 {
 class IRuntime;
 class ICudaEngine;
@@ -48,9 +50,12 @@ public:
     Engine(Engine const&) = delete;
     Engine& operator=(Engine const&) = delete;
 
-    // images: host float32 [batch, 3, size, size]; returns host logits [batch, classes].
+    // images: host float32 [batch, 3, size, size]; returns host logits [batch, classes]. An engine with
+    // float16 I/O (cvig-export --fp16-io) gets the images rounded to half and its logits widened.
     std::vector<float> infer(float const* images, int batch, int size, bool useCudaGraph = false);
     int numClasses() const { return mClasses; }
+    IoType inputType() const { return mInType; }
+    IoType outputType() const { return mOutType; }
 
 private:
     struct Deleter {
@@ -66,6 +71,8 @@ private:
     cudaGraphExec_t mGraph = nullptr;
     int mGraphBatch = 0;
     DeviceBuffer mIn, mOut;
+    IoType mInType = IoType::kFloat32, mOutType = IoType::kFloat32;
+    std::vector<uint8_t> mHostIn, mHostOut;  // staging in the engine's I/O types
 };
 
 }  // namespace cvig
