@@ -219,7 +219,13 @@ class TrtSession(Session):
         self._graphs: Dict[tuple, object] = {}
 
     def _dtype(self, name: str):
-        return np.float16 if self.engine.get_tensor_dtype(name) == self.trt.DataType.HALF else np.float32
+        t = self.engine.get_tensor_dtype(name)
+        if t == self.trt.DataType.HALF:
+            return np.float16
+        if t == self.trt.DataType.FLOAT:
+            return np.float32
+        raise RuntimeErrorWithFix(f"{self.path}: tensor '{name}' has TensorRT type {t}; cvig runs engines with float32 "
+                                  "or float16 images and logits: re-export without changing the I/O types, or with --fp16-io")
 
     def infer(self, images: np.ndarray) -> np.ndarray:
         from cuda.bindings import runtime as cudart
