@@ -136,6 +136,12 @@ def knn_masked(xn: Tensor, labels: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     return idx, valid
 
 
+def _row_length(n: int) -> int:
+    """Row length S = ceil(sqrt(N)) of the [R, S] token grid :func:`partition_layout` counts on."""
+    s = math.isqrt(n)
+    return s if s * s == n else s + 1
+
+
 def partition_layout(labels: Tensor, k: int, capacity: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Place tokens into a padded ``[B, k, P]`` layout, in token order.
 
@@ -145,28 +151,52 @@ def partition_layout(labels: Tensor, k: int, capacity: int) -> Tuple[Tensor, Ten
     tokens), and which tokens did not fit because their partition has more
     than ``capacity`` members. Overflow rule (deterministic): a partition keeps
     its ``capacity`` lowest-index members; the rest are overflow tokens.
+
+    No sort and no running sum (docs/design.md section 3): the rank of a token
+    in its partition (how many lower-index tokens share its label) is counted
+    on the tokens seen as R rows of S = ceil(sqrt(N)): members earlier in the
+    token's own row (a [B, R, S, S] comparison) plus members in earlier rows (a
+    [B, R, R, k] masked sum of per-row counts), all in integers. Its slot is
+    ``label * P + rank``, and ``slot_token`` is the scatter of token indices to
+    those slots. O(N * sqrt(N)) small integer work; exported, it is Equal /
+    And / ReduceSum / GatherElements / ScatterElements, with no TopK over N
+    (TensorRT's K <= 3840) and no CumSum (a loop of N steps in TensorRT 10.x,
+    float types only).
     """
-    b, n = labels.shape
-    ar = torch.arange(n, device=labels.device)
-    # Stable order by (label, token index); keys are distinct, so any sort works.
-    # int32 keys and indices: the argsorts export as TopK, whose values TensorRT
-    # takes as FP32/FP16/INT32 but not INT64 (keys < clusters * N, far below 2**31)
-    key = (labels * n + ar).to(torch.int32)
-    order = torch.argsort(key, dim=1)  # sorted position -> token
-    onehot = one_hot(labels, k, torch.int64)
-    counts = onehot.sum(dim=1)  # [B, k]
-    starts = torch.cumsum(counts, dim=1) - counts  # exclusive prefix sum
-    slot = torch.arange(capacity, device=labels.device)
-    pos = starts.unsqueeze(-1) + slot  # [B, k, P] sorted position of each slot
-    slot_valid = slot < counts.unsqueeze(-1)
-    pos = torch.where(slot_valid, pos, torch.zeros_like(pos)).reshape(b, k * capacity)
-    slot_token = torch.gather(order, 1, pos)
-    # rank of each token inside its partition: its sorted position minus the start
-    inv = torch.argsort(order.to(torch.int32), dim=1)  # token -> sorted position
-    rank = inv - torch.gather(starts, 1, labels)
-    overflow = rank >= capacity
-    token_slot = torch.where(overflow, torch.zeros_like(rank), labels * capacity + rank)
-    return slot_token, slot_valid.reshape(b, k * capacity), token_slot, overflow
+    n = int(labels.shape[1])  # static (a Python int in an export: no shape arithmetic)
+    dev = labels.device
+    p = capacity
+    s = _row_length(n)
+    r = -(-n // s)
+    # padding tokens (label 0) go after the last token: they precede no real token, so no real rank changes
+    # (reshapes by -1 and *_as / *_like shapes keep a dynamic batch free of shape arithmetic in ONNX)
+    lab = labels if r * s == n else torch.cat([labels, labels[:, : r * s - n] * 0], dim=1)
+    lab = lab.reshape(-1, r, s)
+    col = torch.arange(s, device=dev)
+    earlier_in_row = col.unsqueeze(1) > col.unsqueeze(0)  # [S, S]: column u comes before token v
+    same = lab.unsqueeze(3) == lab.unsqueeze(2)  # [B, R, S, S]
+    rank_in_row = (same & earlier_in_row).sum(-1)  # [B, R, S] int64
+    row_counts = one_hot(lab, k, torch.int64).sum(2)  # [B, R, k]: members of each partition per row
+    row = torch.arange(r, device=dev)
+    earlier_row = (row.unsqueeze(1) > row.unsqueeze(0)).to(torch.int64).view(1, r, r, 1)  # [1, R, R', 1]
+    rows_before = (row_counts.unsqueeze(1) * earlier_row).sum(2)  # [B, R, k]: members in rows < R
+    rank = (rank_in_row + torch.gather(rows_before, 2, lab)).reshape(-1, r * s)
+    if r * s != n:
+        rank = rank[:, :n]
+    overflow = rank >= p
+    ar = torch.arange(n, device=dev)
+    slot_of_token = labels * p + rank
+    token_slot = torch.where(overflow, torch.zeros_like(rank), slot_of_token)
+    # slot -> token: every kept token writes its index to its own slot; each overflow token writes to a
+    # private spill slot past the end, so all scatter indices are distinct (deterministic in any order)
+    dest = torch.where(overflow, (k * p + ar).unsqueeze(0), slot_of_token)
+    spill = torch.zeros_like(labels[:, :1]).expand(-1, k * p + n)
+    slot_token = spill.scatter(1, dest, ar.expand_as(labels))[:, : k * p]
+    counts = row_counts.sum(1)  # [B, k] partition sizes
+    if r * s != n:  # less the padding tokens counted in partition 0
+        counts = counts - (torch.arange(k, device=dev) == 0).to(counts.dtype) * (r * s - n)  # no host copy
+    slot_valid = torch.arange(p, device=dev) < counts.unsqueeze(-1)  # [B, k, P]
+    return slot_token, slot_valid.reshape(-1, k * p), token_slot, overflow
 
 
 def knn_padded(
@@ -178,14 +208,16 @@ def knn_padded(
     ``(idx, valid, overflow)``; an overflow token (see :func:`partition_layout`)
     has only itself as neighbour and is nobody's neighbour.
     """
-    b, n, c = xn.shape
+    # N and C are static (docs/design.md section 3): Python ints, and -1 for the batch, so that a
+    # dynamic-batch export carries no Shape/Gather/Concat arithmetic for them
+    n, c = int(xn.shape[1]), int(xn.shape[2])
     p = capacity
     kk = min(k, p)
     slot_token, slot_valid, tok_slot, overflow = partition_layout(labels, clusters, p)
-    xp = torch.gather(xn, 1, slot_token.unsqueeze(-1).expand(b, clusters * p, c))
-    xp = xp.reshape(b, clusters, p, c)
+    xp = torch.gather(xn, 1, slot_token.unsqueeze(-1).expand(-1, -1, c))
+    xp = xp.reshape(-1, clusters, p, c)
     sim = torch.matmul(xp, xp.transpose(2, 3))  # [B, k, P, P]
-    col_valid = slot_valid.reshape(b, clusters, 1, p)
+    col_valid = slot_valid.reshape(-1, clusters, 1, p)
     eye = _eye(p, xn.device).view(1, 1, p, p)
     sim = torch.where(col_valid, sim, sim.new_full((), -MASK_VALUE))  # 0-d fills, as in knn_masked
     sim = torch.where(eye, sim.new_full((), SELF_VALUE), sim)
@@ -193,20 +225,24 @@ def knn_padded(
     valid_slot = values > -0.5 * MASK_VALUE
     # slot-local neighbour -> global token index
     base = (torch.arange(clusters, device=xn.device) * p).view(1, clusters, 1, 1)
-    glob = torch.gather(slot_token, 1, (local + base).reshape(b, -1)).reshape(b, clusters * p, kk)
-    valid_slot = valid_slot.reshape(b, clusters * p, kk)
+    glob = torch.gather(slot_token, 1, (local + base).reshape(-1, clusters * p * kk)).reshape(-1, clusters * p, kk)
+    valid_slot = valid_slot.reshape(-1, clusters * p, kk)
     # back to token order: token -> its slot (overflow tokens read slot 0, then self-fill)
-    idx = torch.gather(glob, 1, tok_slot.unsqueeze(-1).expand(b, n, kk))
-    valid = torch.gather(valid_slot, 1, tok_slot.unsqueeze(-1).expand(b, n, kk))
-    self_idx = torch.arange(n, device=xn.device).view(1, n, 1).expand(b, n, kk)
+    tok = tok_slot.unsqueeze(-1).expand(-1, -1, kk)
+    idx = torch.gather(glob, 1, tok)
+    valid = torch.gather(valid_slot, 1, tok)
+    self_idx = torch.arange(n, device=xn.device).view(1, n, 1)  # broadcast over the batch and the slots
     idx = torch.where(valid & ~overflow.unsqueeze(-1), idx, self_idx)
     # an overflow token keeps exactly one valid neighbour: itself in slot 0
+    # (And/Or, not a Where on booleans: ONNX Runtime's CPU provider has no bool Where, and G-GIN reads `valid`)
     first = torch.arange(kk, device=xn.device).view(1, 1, kk) == 0
-    valid = torch.where(overflow.unsqueeze(-1), first, valid)
+    over = overflow.unsqueeze(-1)
+    valid = (over & first) | (~over & valid)
     if kk < k:  # capacity below K: pad the remaining slots with self, invalid
         pad = k - kk
-        idx = torch.cat([idx, self_idx[..., :1].expand(b, n, pad)], dim=-1)
-        valid = torch.cat([valid, torch.zeros_like(valid[..., :1]).expand(b, n, pad)], dim=-1)
+        self_pad = (idx[..., :1] * 0 + self_idx).expand(-1, -1, pad)
+        idx = torch.cat([idx, self_pad], dim=-1)
+        valid = torch.cat([valid, torch.zeros_like(valid[..., :1]).expand(-1, -1, pad)], dim=-1)
     return idx, valid, overflow
 
 
@@ -289,7 +325,7 @@ class PartitionedKNN(nn.Module):
     def forward(self, xn: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
         if self.mode == "masked":
             return knn_masked(xn, labels, self.k)
-        cap = self.capacity or xn.shape[1]
+        cap = self.capacity or int(xn.shape[1])  # a Python int: no shape arithmetic in an export
         idx, valid, overflow = knn_padded(xn, labels, self.k, self.clusters, cap)
         if not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
             self.last_overflow = int(overflow.sum())

@@ -98,14 +98,16 @@ def test_op_check_flags_each_limit_of_tensorrt_md():
             [f32("d", [4]), i64("i", [2, 1]), f32("u", [2])]),
         "axes must be an initializer": _graph(
             helper.make_node("ReduceMax", ["d", "ax"], ["o"], name="r"), [f32("d", [4, 4]), i64("ax", [1])]),
-        "TopK values of type INT64": _graph(
-            helper.make_node("TopK", ["d", "k"], ["v", "i"], name="t"), [i64("d", [2, 8])], [k3]),
+        "TopK values of type UINT8": _graph(  # INT64 values are supported (onnx-tensorrt operators.md)
+            helper.make_node("TopK", ["d", "k"], ["v", "i"], name="t"),
+            [helper.make_tensor_value_info("d", TensorProto.UINT8, [2, 8])], [k3]),
         "> 3840": _graph(
             helper.make_node("TopK", ["d", "k"], ["v", "i"], name="t"), [f32("d", [2, 5000])],
             [numpy_helper.from_array(np.array([4000], np.int64), "k")]),
         "not among the last four": _graph(
             helper.make_node("TopK", ["d", "k"], ["v", "i"], name="t", axis=0), [f32("d", [8, 2, 2, 2, 2])], [k3]),
-        "ArgMin on INT64": _graph(helper.make_node("ArgMin", ["d"], ["o"], name="a"), [i64("d", [4, 4])]),
+        "ArgMin on UINT8": _graph(helper.make_node("ArgMin", ["d"], ["o"], name="a"),
+                                  [helper.make_tensor_value_info("d", TensorProto.UINT8, [4, 4])]),
     }
     for why, model in cases.items():
         issues = tensorrt_op_issues(model)
@@ -118,6 +120,8 @@ def test_op_check_flags_each_limit_of_tensorrt_md():
             helper.make_node("ScatterElements", ["d", "i", "u"], ["o"], name="s"),
             [f32("d", [4]), i64("i", [2]), f32("u", [2])]),
         "TopK on FP32": _graph(helper.make_node("TopK", ["d", "k"], ["v", "i"], name="t"), [f32("d", [2, 8])], [k3]),
+        "TopK on INT64": _graph(helper.make_node("TopK", ["d", "k"], ["v", "i"], name="t"), [i64("d", [2, 8])], [k3]),
+        "ArgMin on INT64": _graph(helper.make_node("ArgMin", ["d"], ["o"], name="a"), [i64("d", [4, 4])]),
     }
     for why, model in fine.items():
         assert tensorrt_op_issues(model) == [], why
@@ -126,13 +130,13 @@ def test_op_check_flags_each_limit_of_tensorrt_md():
 @pytest.mark.parametrize("knn", ["masked", "padded"])
 @pytest.mark.parametrize("opset", [17, 18])
 def test_exported_graphs_stay_within_tensorrt_limits(tmp_path, knn, opset):
-    # padded k-NN argsorts integer keys: they must be int32 (TopK takes no INT64
-    # values); opset 18 moves Reduce* axes into inputs, which must stay initializers
+    # the padded layout counts ranks (no argsort TopK over N, no CumSum: docs/design.md section 3);
+    # opset 18 moves Reduce* axes into inputs, which must stay initializers
     torch.manual_seed(0)
     model = clustervig.create_model("cvig_nano", knn=knn).eval()
     g = export_onnx(model, tmp_path / "m.onnx", BatchSpec(1, 2, 4), opset=opset)
     ops = {n.op_type for n in g.graph.node}
-    assert "TopK" in ops and ("CumSum" in ops) == (knn == "padded")
+    assert "TopK" in ops and "CumSum" not in ops
     assert tensorrt_op_issues(g) == []
     assert tensorrt_op_issues(convert_fp16(onnx.load(str(tmp_path / "m.onnx")))) == []
 
