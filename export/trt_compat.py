@@ -266,6 +266,8 @@ def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
     TopK and shape arithmetic, which onnx's own inference leaves unknown), else onnx's."""
     import contextlib
     import io
+    import os
+    import tempfile
 
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
@@ -274,13 +276,20 @@ def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
     # plugin ops (custom domains) stop the plain run; guessing their outputs' rank lets it go on to the
     # tensors after them (the plugins' own checks need only their inputs' shapes)
     for kw in ({}, {"guess_output_rank": True}) if SymbolicShapeInference is not None else ():
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                out = SymbolicShapeInference.infer_shapes(model, auto_merge=True, **kw)
-            if out is not None:
-                return out
-        except Exception:
-            continue
+        # when it cannot finish, ONNX Runtime's inference saves "sym_shape_infer_temp.onnx" and its weights
+        # into the working directory: run it in a scratch directory so nothing lands in the user's
+        cwd = os.getcwd()
+        with tempfile.TemporaryDirectory(prefix="cvig-shapes-") as scratch:
+            try:
+                os.chdir(scratch)
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    out = SymbolicShapeInference.infer_shapes(model, auto_merge=True, **kw)
+                if out is not None:
+                    return out
+            except Exception:
+                continue
+            finally:
+                os.chdir(cwd)
     for kw in ({"data_prop": True}, {}):
         try:
             return onnx.shape_inference.infer_shapes(model, **kw)

@@ -244,3 +244,23 @@ def test_padded_graph_has_no_topk_over_n_and_only_float_cumsum(real_graphs):
         types = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input)}
         cumsum_inputs = [types.get(n.input[0]) for n in g.node if n.op_type == "CumSum"]
         assert all(t in (TP.FLOAT,) for t in cumsum_inputs), cumsum_inputs
+
+
+def test_check_leaves_nothing_in_the_working_directory(tmp_path, monkeypatch):
+    # ONNX Runtime's symbolic shape inference saves a model and its weights into the working directory
+    # when it cannot finish (a plugin graph's first pass): the check must run it elsewhere
+    import onnx as _onnx
+
+    from clustervig.export.onnx_export import BatchSpec, export_onnx
+    from clustervig.export.plugin_graph import to_plugin_graph
+    from clustervig.export.trt_compat import tensorrt_op_issues
+
+    from conftest import make_model
+
+    export_onnx(make_model("cvig_nano"), tmp_path / "m.onnx", BatchSpec(1, 1, 1))
+    pg, _ = to_plugin_graph(_onnx.load(str(tmp_path / "m.onnx")))
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert tensorrt_op_issues(pg) == []
+    assert list(work.iterdir()) == []
