@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -18,17 +19,22 @@ from clustervig.checkpoint import CheckpointError, model_from_checkpoint
 from clustervig.preprocess import sample_photographs, transform_spec
 from clustervig.utils import calibrate_batchnorm
 
-from .fp16 import DEFAULT_FP32_ISLANDS, convert_fp16, count_precision
+from .fp16 import DEFAULT_FP32_ISLANDS, FP16_HEADROOM, FP16_SAFE_BOUND, convert_fp16, count_precision, float_tensor_ranges, \
+    is_island, overflow_nodes
+from .gates import DEFAULT_GATES, GateError, check_gates, effective_gates, fmt_cosine, fmt_fraction, parse_gates
 from clustervig.calib import CalibrationDataError, folder_batches, image_files, load_or_collect, quantize_qdq
 
 from .plugin_graph import SurgeryError, to_plugin_graph
 from .onnx_export import MIN_OPSET, BatchSpec, ExportError, atomic_save, check_model, export_onnx, get_metadata, set_metadata
 from .triton import write_triton_repo
-from .trt_compat import tensorrt_op_issues
+from .trt_compat import check_tensorrt_ops
 from .trt_build import TensorRTUnavailable, build_command_hint, build_engine
-from .validate import validate as run_validation  # `validate` is the --validate flag in main
+from .validate import in_graph_normalization, validate as run_validation  # `validate` is the --validate flag in main
 
 MIN_CALIB_SAMPLES = 8
+# --capacity auto: the smallest capacity without overflow on the measured images, times this margin (unseen
+# images may have a larger partition), rounded up and capped at N (docs/design.md section 3, "Capacity")
+CAPACITY_AUTO_MARGIN = 1.25
 
 EXAMPLES = """
 \b
@@ -37,13 +43,27 @@ Examples:
   cvig-export --model cvig_nano --fp16 -o out/                 # random weights (warned), a quick demo
   cvig-export --checkpoint clustervig/weights/cvig_digits.pth --dynamic-batch 1:32:256 --fp16 -o out/
   cvig-export --model cvig_b_hr --knn padded --capacity 200 --checkpoint b_hr.pth -o out/
+  cvig-export --model cvig_b_hr --knn padded --capacity auto --checkpoint b_hr.pth -o out/   # P from the images
 
 \b
 Writes into OUT: model_fp32.onnx, model_fp16.onnx (with --fp16), model_*.plan
 (with TensorRT), report.json, and for runtimes without ONNX: preprocess.json,
 labels.txt (class names; ImageNet-1k for 1000 classes) and model_*.json (the
 ONNX metadata, read by cvig-run beside model_*.plan). Files appear only when
-the whole export succeeded (they are staged in a temporary folder first).
+the whole export succeeded (they are staged in a temporary folder first) and
+every artifact passed its validation gates; when a gate fails, nothing is
+published, the command exits 1 and the artifacts and report.json are kept in
+OUT/failed-<UTC time>/ for inspection.
+
+\b
+Validation gates (--gate KEY=VALUE, VALUE a number or 'off'; defaults):
+  fp32.cosine=0.9999 fp32.top1=1     FP32 ONNX vs PyTorch
+  fp16.cosine=0.9    fp16.top1=off   FP16 (ORT and per-op FP16 rounding) vs FP32
+  int8.cosine=off    int8.top1=off   INT8 vs FP32
+  plugins.cosine=0.9999 plugins.top1=1  plugin graph vs FP32
+Every artifact must also give finite logits. cosine is the worst image's
+logit cosine, top1 the top-1 agreement, on each input set. Without
+--checkpoint (random weights) fp16 and int8 check finiteness only.
 """
 
 
@@ -114,7 +134,10 @@ def validation_inputs(model, batch: BatchSpec, samples: int) -> Dict[str, torch.
 @click.option("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset (>= {MIN_OPSET}).")
 @click.option("--knn", type=click.Choice(["auto", "masked", "padded"]), default="auto",
               help="Static k-NN layout: masked N x N TopK, or padded partitions.")
-@click.option("--capacity", type=int, default=None, help="Padded-partition capacity P (default N: exact).")
+@click.option("--capacity", default=None, metavar="P|auto", callback=lambda ctx, param, v: parse_capacity(v),
+              help="Padded-partition capacity: an integer P in 1..N (default N: exact), or 'auto': the smallest P "
+                   f"without overflow on the validation (and --calib-dir) images, times {CAPACITY_AUTO_MARGIN}, "
+                   "rounded up, at most N.")
 @click.option("--normalize-in-graph/--normalize-outside", default=False,
               help="Put (x - mean) / std in the graph (input is RGB in [0, 1]).")
 @click.option("--simplify/--no-simplify", default=True,
@@ -122,6 +145,8 @@ def validation_inputs(model, batch: BatchSpec, samples: int) -> Dict[str, torch.
 @click.option("--plugins/--no-plugins", default=False,
               help="Also write model_plugins.onnx: k-means, k-NN and gather-max-rel of every DEGC as TensorRT plugin nodes.")
 @click.option("--engine/--no-engine", default=True, help="Build TensorRT engines when tensorrt is importable.")
+@click.option("--plugins-lib", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="libcvig_plugins.so: also build the plugin graph's engine (plugins/README.md).")
 @click.option("--workspace", type=int, default=2048, help="TensorRT workspace limit in MiB.")
 @click.option("--tf32/--no-tf32", default=False,
               help="Let TensorRT run FP32 layers in TF32 (10-bit mantissa inputs); off keeps the FP32 islands FP32.")
@@ -130,10 +155,16 @@ def validation_inputs(model, batch: BatchSpec, samples: int) -> Dict[str, torch.
               help="Also write a Triton model repository (ONNX Runtime model, and the engine when built).")
 @click.option("--validate/--no-validate", default=True, help="Compare every artifact with PyTorch.")
 @click.option("--samples", type=int, default=4, help="Images per validation input set (dynamic batch).")
+@click.option("--gate", "gate_specs", multiple=True, metavar="KEY=VALUE",
+              help="Override a validation gate, e.g. --gate fp16.cosine=0.98 or --gate fp16.top1=1 (repeatable; "
+                   f"keys: {', '.join(DEFAULT_GATES)}).")
+@click.option("--no-gates", "no_gates", is_flag=True, default=False,
+              help="Expert: publish even when an artifact misses its validation gates (they are still reported).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output directory.")
 def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, fp16, fp16_io, fp32_islands, int8, calib_dir,
          calib_method, calib_samples, opset, knn,
-         capacity, normalize_in_graph, simplify, plugins, engine, workspace, tf32, timing_cache, triton_repo, validate, samples, out):
+         capacity, normalize_in_graph, simplify, plugins, engine, plugins_lib, workspace, tf32, timing_cache, triton_repo, validate,
+         samples, out, gate_specs, no_gates):
     """Export a ClusterViG checkpoint to ONNX (FP32, optionally FP16), validate it against
     PyTorch, and build TensorRT engines where TensorRT is installed."""
     if batch is not None and dynamic_batch is not None:
@@ -158,11 +189,19 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
         except CalibrationDataError as exc:
             raise click.ClickException(str(exc)) from None
     islands = [p for p in fp32_islands.split(",") if p]
+    try:
+        gate_overrides = parse_gates(gate_specs)
+    except GateError as exc:
+        raise click.BadParameter(str(exc), param_hint="--gate") from None
+    if no_gates:
+        click.secho("WARNING: --no-gates: artifacts are published even if they miss their validation gates "
+                    "(failures are only printed and recorded in report.json).", fg="yellow", err=True)
     _check_out_dir(out)
     n_steps = 3 + int(fp16) + int(validate) + int(plugins) + int(int8)
     step = 0
     timings: Dict[str, float] = {}
-    overrides = {k: v for k, v in dict(gcn=gcn, knn=knn, capacity=capacity).items() if v is not None}
+    overrides = {k: v for k, v in dict(gcn=gcn, knn=knn, capacity=capacity if capacity != "auto" else None).items()
+                 if v is not None}
 
     step += 1
     t = _step(step, n_steps, f"building {model_name or 'model from checkpoint'}" + (f" from {checkpoint}" if checkpoint else ""))
@@ -175,6 +214,7 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
         # all sample photographs, whatever the batch: statistics of a single image
         # zero the head's BatchNorm (one pooled vector has no variance) and the logits with it
         calibrate_batchnorm(model, [sample_photographs(transform_spec(model.cfg))])
+    capacity_info = resolve_capacity(model, capacity, inputs, calib_dir, calib_samples)
     timings["build_model"] = _done(t, f"{model.cfg.name}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params")
 
     stage = Path(tempfile.mkdtemp(prefix=".cvig-export-", dir=out))
@@ -192,15 +232,21 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
         if fp16:
             step += 1
             t = _step(step, n_steps, f"converting to FP16 (FP32 islands: {', '.join(islands) or 'none'})")
-            g16 = convert_fp16(onnx.load(str(fp32_path)), islands, fp16_io)
+            g32 = onnx.load(str(fp32_path))
+            range_analysis = fp16_range_analysis(g32, inputs, islands, calib_dir, transform_spec(model.cfg), calib_samples)
+            kept = [k["node"] for k in range_analysis["kept_fp32"]]
+            g16 = convert_fp16(g32, islands, fp16_io, keep_fp32=kept)
             set_metadata(g16, {"clustervig.precision": "fp16", "clustervig.fp32_islands": ",".join(islands),
-                               "clustervig.io": "fp16" if fp16_io else "fp32"})
+                               "clustervig.io": "fp16" if fp16_io else "fp32",
+                               "clustervig.fp32_kept_by_range": str(len(kept))})
             check_model(g16)
             atomic_save(g16, stage / "model_fp16.onnx")
             artifacts["fp16"] = stage / "model_fp16.onnx"
             precision = count_precision(g16)
             timings["export_fp16"] = _done(t, f"{len(g16.graph.node)} nodes; Conv FP16 {precision['Conv']['fp16']}, "
-                                              f"MatMul FP16 {precision['MatMul']['fp16']} / FP32 {precision['MatMul']['fp32']}")
+                                              f"MatMul FP16 {precision['MatMul']['fp16']} / FP32 {precision['MatMul']['fp32']}; "
+                                              f"{len(kept)} more nodes kept FP32 by range analysis "
+                                              f"(max |x| outside the islands {range_analysis['max_abs_outside_islands']:.3g})")
         if int8:
             step += 1
             t = _step(step, n_steps, f"INT8 Q/DQ graph ({calib_method} calibration on {calib_dir})")
@@ -238,6 +284,8 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
             "batch": str(bspec),
             "opset": opset,
             "fp32_islands": islands if fp16 else None,
+            "fp16_range_analysis": range_analysis if fp16 else None,
+            "capacity": capacity_info,
             "plugins": {"replaced": surgery.replaced, "nodes_before": surgery.nodes_before,
                         "nodes_after": surgery.nodes_after} if plugins else None,
             "artifacts": {},
@@ -248,20 +296,35 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
             t = _step(step, n_steps, "validating against the PyTorch static form (photos + random inputs)")
             report["validation"] = run_validation(model, artifacts, inputs)
             timings["validate"] = _done(t)
+            gates = effective_gates(gate_overrides, random_weights=checkpoint is None)
+            results = check_gates(report["validation"], gates)
+            report["gates"] = {"enforced": not no_gates, "thresholds": gates, "results": results,
+                               "failed": [r["reason"] for r in results if not r["passed"]]}
+        else:
+            report["gates"] = {"enforced": False, "why": "--no-validate: nothing was compared", "failed": []}
+        if report["gates"]["failed"] and not no_gates:
+            failed_dir = _keep_failed(stage, out, report, artifacts, precision)
+            click.echo(summary_table(report), err=False)
+            for line in report["gates"]["failed"]:
+                click.secho(f"GATE FAILED {line}", fg="red", err=True)
+            raise click.ClickException(
+                f"{len(report['gates']['failed'])} validation gate(s) failed: nothing published in {out}/; the artifacts "
+                f"and report.json are in {failed_dir}/ (--gate KEY=VALUE changes a threshold, --no-gates publishes anyway)")
         step += 1
         t = _step(step, n_steps, "TensorRT engines")
         engines = {}
         if engine:
             for name, path in artifacts.items():
-                if name == "plugins":
-                    continue  # needs libcvig_plugins.so: trtexec --dynamicPlugins (plugins/README.md)
+                if name == "plugins" and plugins_lib is None:
+                    continue  # needs libcvig_plugins.so (--plugins-lib); the printed trtexec line names it
                 plan = stage / f"model_{name}.plan"
                 try:
-                    build_engine(path, plan, bspec, model.cfg.img_size, workspace, timing_cache, tf32=tf32)
+                    build_engine(path, plan, bspec, model.cfg.img_size, workspace, timing_cache, tf32=tf32,
+                                 plugin_library=plugins_lib if name == "plugins" else None)
                     engines[name] = plan
                 except TensorRTUnavailable:
                     hints = [build_command_hint(out / p.name, out / f"model_{n}.plan", bspec, model.cfg.img_size, tf32,
-                                                "build/plugins/libcvig_plugins.so" if n == "plugins" else None)
+                                                (plugins_lib or "build/plugins/libcvig_plugins.so") if n == "plugins" else None)
                              for n, p in artifacts.items()]
                     click.echo(f"      TensorRT is not installed here: the ONNX artifacts are ready in {out}/. "
                                "Where TensorRT is installed, cvig-export builds the engines itself; or run:\n        "
@@ -280,9 +343,13 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
                 metas[name] = get_metadata(g)
                 entry["nodes"] = len(g.graph.node)
                 entry["op_counts"] = _op_counts(g)
-                entry["tensorrt_op_issues"] = tensorrt_op_issues(g)
+                findings = check_tensorrt_ops(g)  # one shape inference for errors and warnings
+                entry["tensorrt_op_issues"] = [f.line() for f in findings if f.severity == "error"]
+                entry["tensorrt_op_warnings"] = [f.line() for f in findings if f.severity == "warning"]
                 for line in entry["tensorrt_op_issues"]:
                     click.secho(f"WARNING: {path.name}: TensorRT will reject {line}", fg="yellow", err=True)
+                for line in entry["tensorrt_op_warnings"]:
+                    click.secho(f"note: {path.name}: {line}", fg="yellow", err=True)
             report["artifacts"][name] = entry
         names = _class_names(model.cfg)
         sidecars = write_sidecars(stage, names, metas)
@@ -306,11 +373,142 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
             report["triton_repo"] = {k: str(v) for k, v in written.items()}
             click.echo(f"Triton repository: {triton_repo} ({', '.join(written)})", err=True)
         report["sidecars"] = [p.name for p in sidecars]
+        report["published"] = True
         _write_json(out / "report.json", report)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     click.echo(summary_table(report), err=False)
+    for line in report["gates"]["failed"]:  # only with --no-gates
+        click.secho(f"WARNING: gate failed (--no-gates: published anyway): {line}", fg="yellow", err=True)
     click.echo(f"report: {out / 'report.json'}")
+
+
+def parse_capacity(text: Optional[str]):
+    """``--capacity``: None (P = N), ``"auto"``, or an integer >= 1 (the upper bound N is checked on the model)."""
+    if text is None:
+        return None
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        p = int(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is neither an integer capacity nor 'auto'", param_hint="--capacity") from None
+    if p < 1:
+        raise click.BadParameter(f"{p} must be >= 1 (a partition holds at least one token)", param_hint="--capacity")
+    return p
+
+
+def _partition_batches(images: torch.Tensor, batch: int = 8):
+    return [images[i:i + batch] for i in range(0, len(images), batch)]
+
+
+def measure_partitions(model, images: torch.Tensor, capacity: Optional[int] = None) -> Dict[str, int]:
+    """Largest partition (tokens sharing a k-means label in one image, any block) and the overflow tokens
+    (all blocks, all images) of ``model`` on ``images`` with the padded layout at ``capacity`` (None: N)."""
+    model.set_form("static", capacity=capacity or model.cfg.tokens)
+    largest = [0]
+
+    def hook(mod, args, labels):
+        sizes = (labels.unsqueeze(-1) == torch.arange(mod.clusters, device=labels.device)).sum(1)
+        largest[0] = max(largest[0], int(sizes.max()))
+
+    hooks = [d.kmeans.register_forward_hook(hook) for d in model.degc_modules()]
+    overflow = 0
+    try:
+        with torch.no_grad():
+            for x in _partition_batches(images):
+                model(x)
+                overflow += sum(d.knn.last_overflow for d in model.degc_modules())
+    finally:
+        for h in hooks:
+            h.remove()
+    return {"largest_partition": largest[0], "overflow_tokens": overflow}
+
+
+def resolve_capacity(model, capacity, inputs: Dict[str, torch.Tensor], calib_dir: Optional[Path],
+                     calib_samples: int) -> Optional[Dict]:
+    """Check ``--capacity`` against the model, pick P for ``auto``, and return the report.json entry."""
+    n = model.cfg.tokens
+    padded = model.cfg.knn_mode == "padded"
+    if capacity is None:
+        return {"mode": "exact", "capacity": n, "tokens": n} if padded else None
+    if capacity == "auto" and not padded:
+        raise click.UsageError(f"--capacity auto needs the padded k-NN layout, and {model.cfg.name} (N = {n} tokens) "
+                               f"uses the masked one (--knn {model.cfg.knn}); add --knn padded")
+    if capacity != "auto":
+        if capacity > n:
+            raise click.UsageError(f"--capacity {capacity} is above N = {n} tokens of {model.cfg.name} "
+                                   f"(P = N is already exact): give 1..{n} or auto")
+        return {"mode": "fixed", "capacity": capacity, "tokens": n} if padded else None
+    sets = dict(inputs)  # the validation sets ("photos", "random")
+    if calib_dir is not None:
+        try:
+            sets["calibration"] = torch.cat([torch.from_numpy(b) for b in folder_batches(
+                calib_dir, transform_spec(model.cfg), calib_samples, 8, MIN_CALIB_SAMPLES)])
+        except CalibrationDataError as exc:
+            raise click.ClickException(str(exc)) from None
+    exact = {name: measure_partitions(model, x) for name, x in sets.items()}
+    need = max(m["largest_partition"] for m in exact.values())  # smallest P without overflow on every set
+    chosen = min(n, math.ceil(CAPACITY_AUTO_MARGIN * need))
+    per_set = {}
+    for name, x in sets.items():
+        per_set[name] = {"images": len(x), "largest_partition": exact[name]["largest_partition"],
+                         "overflow_at_capacity": measure_partitions(model, x, chosen)["overflow_tokens"],
+                         "overflow_at_largest_partition": measure_partitions(model, x, need)["overflow_tokens"]}
+        if need > 1:  # one below the measured maximum: the set that holds it overflows
+            per_set[name]["overflow_below_largest_partition"] = measure_partitions(model, x, need - 1)["overflow_tokens"]
+    model.set_form("static", capacity=chosen)
+    click.echo(f"      --capacity auto: P = {chosen} (largest partition {need} x margin {CAPACITY_AUTO_MARGIN}, "
+               f"N = {n}); overflow at P: "
+               + ", ".join(f"{k} {v['overflow_at_capacity']}" for k, v in per_set.items()), err=True)
+    return {"mode": "auto", "capacity": chosen, "tokens": n, "margin": CAPACITY_AUTO_MARGIN,
+            "largest_partition": need, "sets": per_set}
+
+
+def fp16_range_analysis(g32: onnx.ModelProto, inputs: Dict[str, torch.Tensor], islands: List[str],
+                        calib_dir: Optional[Path], spec: Dict, calib_samples: int) -> Dict:
+    """Range analysis for the FP16 pass (docs/design.md section 5): max |x| of every FP32 tensor on
+    the validation images (and the calibration images when --calib-dir is given), and the nodes
+    outside the islands that must stay FP32 (:func:`overflow_nodes`)."""
+    norm = in_graph_normalization(g32)  # a --normalize-in-graph graph takes RGB in [0, 1]
+    batches = {name: [x.numpy()] for name, x in inputs.items()}
+    if calib_dir is not None:
+        try:
+            batches["calibration"] = list(folder_batches(calib_dir, spec, calib_samples, 8, 1))
+        except CalibrationDataError as exc:
+            raise click.ClickException(str(exc)) from None
+    feed = [b if norm is None else b * norm[1] + norm[0] for bs in batches.values() for b in bs]
+    ranges = float_tensor_ranges(g32, feed)
+    # the largest value FP16 would have to hold: outputs of computing nodes outside the islands
+    outside = {o for n in g32.graph.node if not is_island(n.name, islands) and n.op_type not in ("Constant", "ConstantOfShape")
+               for o in n.output}
+    return {
+        "bound": FP16_SAFE_BOUND, "headroom": FP16_HEADROOM,
+        "images": {name: int(sum(len(b) for b in bs)) for name, bs in batches.items()},
+        "max_abs_outside_islands": max((v for k, v in ranges.items() if k in outside), default=0.0),
+        "kept_fp32": overflow_nodes(g32, ranges, islands),
+    }
+
+
+def _keep_failed(stage: Path, out: Path, report: Dict, artifacts: Dict[str, Path], precision: Dict) -> Path:
+    """A gate failed: nothing is published; the staged artifacts and report.json move to OUT/failed-<UTC time>/."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest, i = out / f"failed-{stamp}", 1
+    while dest.exists():
+        dest, i = out / f"failed-{stamp}-{i}", i + 1
+    for name, path in artifacts.items():
+        report["artifacts"][name] = {"path": str(dest / path.name), "bytes": path.stat().st_size,
+                                     "nodes": len(onnx.load(str(path), load_external_data=False).graph.node)}
+    if precision:
+        report["artifacts"]["fp16"]["precision_of_compute_ops"] = precision
+    report["published"] = False
+    report["failed_dir"] = str(dest)
+    _write_json(stage / "report.json", report)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(stage, 0o777 & ~umask)  # mkdtemp made it 0700; an ordinary folder like its parent
+    os.replace(stage, dest)
+    return dest
 
 
 def _op_counts(g: onnx.ModelProto) -> Dict[str, int]:
@@ -357,19 +555,65 @@ def summary_table(report: Dict) -> str:
     lines: List[str] = ["", f"{'artifact':<12} {'nodes':>7} {'MiB':>8}"]
     for name, a in report["artifacts"].items():
         lines.append(f"{name:<12} {a.get('nodes', '-'):>7} {a['bytes'] / 2**20:>8.2f}")
+    ra = report.get("fp16_range_analysis")
+    if ra:
+        lines += ["", _range_analysis_lines(ra)]
     val = report.get("validation")
+    gates = report.get("gates") or {}
     if val:
-        lines += ["", f"{'inputs':<8} {'comparison':<22} {'max|Δ|':>9} {'cos min':>9} {'top1':>6} {'labels':>7} {'neighb.':>7}"]
+        # a gate verdict per row: ok, FAIL, or - (no gate judges this comparison)
+        verdict: Dict = {}
+        for g in gates.get("results", []):
+            key = (g["inputs"], g["comparison"])
+            verdict[key] = verdict.get(key, True) and g["passed"]
+        lines += ["", f"{'inputs':<8} {'comparison':<22} {'max|Δ|':>9} {'cos min':>10} {'top1':>8} {'labels':>8} "
+                      f"{'neighb.':>8} {'gate':>5}"]
         for set_name, res in val["results"].items():
             for cmp_name, r in res.items():
-                lab = f"{r['label_agreement'] * 100:6.2f}%" if "label_agreement" in r else "      -"
-                nb = f"{r['neighbor_agreement'] * 100:6.2f}%" if "neighbor_agreement" in r else "      -"
-                lines.append(f"{set_name:<8} {cmp_name:<22} {r['max_abs_diff']:>9.2e} {r['cosine_min']:>9.6f} "
-                             f"{r['top1_agreement'] * 100:>5.0f}% {lab} {nb}")
+                lab = fmt_fraction(r["label_agreement"]) if "label_agreement" in r else "-"
+                nb = fmt_fraction(r["neighbor_agreement"]) if "neighbor_agreement" in r else "-"
+                v = verdict.get((set_name, cmp_name))
+                lines.append(f"{set_name:<8} {cmp_name:<22} {r['max_abs_diff']:>9.2e} {fmt_cosine(r['cosine_min']):>10} "
+                             f"{fmt_fraction(r['top1_agreement'], 0):>8} {lab:>8} {nb:>8} "
+                             f"{'-' if v is None else 'ok' if v else 'FAIL':>5}")
+    if gates:
+        lines.append("")
+        lines.append(_gates_line(gates, report["artifacts"]))
     t = report["timings_s"]
     lines.append("")
     lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
     return "\n".join(lines)
+
+
+def _range_analysis_lines(ra: Dict, listed: int = 12) -> str:
+    kept = ra["kept_fp32"]
+    head = (f"FP16 range analysis ({', '.join(f'{n} {k}' for k, n in ra['images'].items())} images, max |x| outside "
+            f"the FP32 islands {ra['max_abs_outside_islands']:.3g}): ")
+    if not kept:
+        return head + f"no tensor above {ra['bound']:.0f}, nothing kept in FP32 beyond the islands"
+    head += f"{len(kept)} nodes kept in FP32 (a tensor above {ra['bound']:.0f} = 65504 / {ra['headroom']:g})"
+    if len(kept) <= listed:
+        return head + ":\n  " + "\n  ".join(f"{k['node']} ({k['op']}, {k['max_abs']:.3g})" for k in kept)
+    scopes: Dict[str, int] = {}
+    for k in kept:  # counted per block / top-level module; report.json lists every node
+        parts = k["node"].split("/")[0].split(".") if "/" in k["node"] else ["(graph)"]
+        sc = ".".join(parts[:2]) if parts[0] == "blocks" else parts[0]
+        scopes[sc] = scopes.get(sc, 0) + 1
+    return head + ", nodes per module (each node in report.json):\n  " + ", ".join(f"{sc} {n}" for sc, n in scopes.items())
+
+
+def _gates_line(gates: Dict, artifacts: Dict) -> str:
+    if "thresholds" not in gates:
+        return f"gates: not checked ({gates.get('why', '')})"
+    parts = []
+    for art in (a for a in ("fp32", "fp16", "int8", "plugins") if a in artifacts):
+        th = [f"{m}>={fmt_fraction(g['threshold']) if m == 'top1' else g['threshold']}"
+              for m in ("cosine", "top1") for g in [gates["thresholds"][f"{art}.{m}"]] if g["threshold"] is not None]
+        rnd = any(gates["thresholds"][f"{art}.{m}"]["source"].startswith("random") for m in ("cosine", "top1"))
+        parts.append(f"{art} finite{''.join(' ' + x for x in th)}{' (random weights)' if rnd else ''}")
+    n_fail = len(gates["failed"])
+    state = "all passed" if not n_fail else f"{n_fail} FAILED" + ("" if gates["enforced"] else " (--no-gates: published)")
+    return f"gates ({state}): " + "; ".join(parts)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,14 @@ in the ONNX graph. This pass gives every node FP16 compute except the FP32
 k-means and k-NN, whose argmin/TopK decisions FP16 rounding would flip), and
 inserts Cast nodes exactly at precision boundaries.
 
+Range analysis (:func:`float_tensor_ranges`, :func:`overflow_nodes`): the
+FP32 graph is run in ONNX Runtime on the validation (and calibration) images
+with the max |value| of every float tensor exposed; every node that reads or
+writes a tensor above ``FP16_SAFE_BOUND`` (65504 / 16) is kept in FP32 as
+well, so weights that make activations grow past FP16's range give an FP16
+graph that is FP16 where it can be and FP32 where it must be, instead of inf
+and NaN (docs/design.md section 5).
+
 Why our own pass and not onnxconverter-common or ModelOpt AutoCast:
 onnxconverter-common (1.16) mis-types the exporter's Cast(to=FLOAT) nodes
 inside k-means (ORT refuses the graph: "Type (tensor(float16)) of output arg
@@ -15,7 +23,7 @@ node names.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -23,6 +31,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 DEFAULT_FP32_ISLANDS = ("norm", "kmeans", "knn")
 F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
+FP16_MAX = 65504.0
+# 4 binades of headroom: a tensor may reach 16x the largest |value| seen on the few analysed
+# images (inputs unlike the validation/calibration images) before FP16 overflows. Constants
+# cannot grow: they are only held to FP16_MAX. Below 4094 (just under 2**12) FP16's spacing is
+# at most 2 (4 from 4096, 32 near 65504).
+FP16_HEADROOM = 16.0
+FP16_SAFE_BOUND = FP16_MAX / FP16_HEADROOM
 
 
 def is_island(node_name: str, islands: Sequence[str]) -> bool:
@@ -38,9 +53,14 @@ def _elem_types(model: onnx.ModelProto) -> Dict[str, int]:
 
 
 def convert_fp16(model: onnx.ModelProto, islands: Iterable[str] = DEFAULT_FP32_ISLANDS,
-                 fp16_io: bool = False) -> onnx.ModelProto:
-    """Return an FP16 copy of an FP32 ClusterViG graph with FP32 islands."""
+                 fp16_io: bool = False, keep_fp32: Iterable[str] = ()) -> onnx.ModelProto:
+    """Return an FP16 copy of an FP32 ClusterViG graph with FP32 islands.
+
+    ``keep_fp32``: names of further nodes computed in FP32 (the range analysis'
+    :func:`overflow_nodes`); Casts are inserted at their boundaries as at the islands'.
+    """
     islands = tuple(islands)
+    keep = set(keep_fp32)
     src = onnx.ModelProto()
     src.CopyFrom(model)
     g = src.graph
@@ -60,6 +80,9 @@ def convert_fp16(model: onnx.ModelProto, islands: Iterable[str] = DEFAULT_FP32_I
     casts: Dict[Tuple[str, int], str] = {}
     new_inits = []
     new_nodes = []
+    # a Cast is named after the node output it converts ("<node>:<i>:fp16/Cast"), which is its tensor's
+    # name in an export, but not always (--normalize-in-graph leaves the wrapper's "model." on tensors)
+    source = {o: f"{n.name}:{i}" for n in g.node if n.name for i, o in enumerate(n.output)}
 
     def as_type(name: str, want: int) -> str:
         if cur.get(name) in (None, want):
@@ -72,13 +95,14 @@ def convert_fp16(model: onnx.ModelProto, islands: Iterable[str] = DEFAULT_FP32_I
                 new_inits.append(numpy_helper.from_array(arr, new))
             else:
                 new = f"{name}:{'fp16' if want == F16 else 'fp32'}"
-                new_nodes.append(helper.make_node("Cast", [name], [new], name=f"{new}/Cast", to=want))
+                label = f"{source.get(name, name)}:{'fp16' if want == F16 else 'fp32'}"
+                new_nodes.append(helper.make_node("Cast", [name], [new], name=f"{label}/Cast", to=want))
             casts[key] = new
             cur[new] = want
         return casts[key]
 
     for node in g.node:
-        want = F32 if is_island(node.name, islands) else F16
+        want = F32 if is_island(node.name, islands) or node.name in keep else F16
         if node.op_type == "Cast":
             to = next(a for a in node.attribute if a.name == "to")
             if to.i == F32:
@@ -112,6 +136,116 @@ def convert_fp16(model: onnx.ModelProto, islands: Iterable[str] = DEFAULT_FP32_I
     g.initializer.extend(keep_inits)
     del g.value_info[:]
     return src
+
+
+def float_tensor_ranges(model: onnx.ModelProto, batches: Iterable[np.ndarray]) -> Dict[str, float]:
+    """Max |value| of every FP32 tensor of ``model`` over ``batches`` (fed to its first input).
+
+    Graph inputs and node outputs are measured in ONNX Runtime through an
+    Abs + ReduceMax probe per tensor (scalars come back, so the session keeps
+    its memory planning; exposing the tensors themselves would hold all of them
+    at once), FP32 initializers directly. A static-batch graph gets its batch
+    at a time (the last chunk padded with its last image). NaN counts as inf.
+    """
+    import onnxruntime as ort
+
+    types = _elem_types(model)
+    inits = {t.name for t in model.graph.initializer}
+    tensors = [i.name for i in model.graph.input if types.get(i.name) == F32 and i.name not in inits]
+    tensors += [o for n in model.graph.node for o in n.output if o and types.get(o) == F32]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    g = probe.graph
+    del g.output[:]
+    outs = []
+    for i, t in enumerate(tensors):
+        a, m = f"range_probe/{i}/abs", f"range_probe/{i}/amax"
+        g.node.extend([helper.make_node("Abs", [t], [a], name=f"range_probe/{i}/Abs"),
+                       helper.make_node("ReduceMax", [a], [m], name=f"range_probe/{i}/ReduceMax", keepdims=0)])
+        g.output.append(helper.make_tensor_value_info(m, F32, []))
+        outs.append(m)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    inp = model.graph.input[0].name
+    static_b = model.graph.input[0].type.tensor_type.shape.dim[0].dim_value  # 0: dynamic
+    amax = np.zeros(len(tensors), np.float64)
+    seen = 0
+    for xb in batches:
+        xb = np.ascontiguousarray(xb, dtype=np.float32)
+        seen += len(xb)
+        step = static_b or len(xb)
+        for s in range(0, len(xb), step):
+            x = xb[s:s + step]
+            if static_b and len(x) < static_b:
+                x = np.concatenate([x, np.repeat(x[-1:], static_b - len(x), axis=0)])
+            got = np.array([float(v) for v in sess.run(outs, {inp: x})], np.float64)
+            amax = np.maximum(amax, np.where(np.isnan(got), np.inf, got))
+    if seen == 0:
+        raise ValueError("range analysis needs at least one input image")
+    ranges = dict(zip(tensors, amax.tolist()))
+    for t in model.graph.initializer:
+        if t.data_type == F32:
+            arr = numpy_helper.to_array(t)
+            ranges[t.name] = float(np.abs(arr).max()) if arr.size else 0.0
+    return ranges
+
+
+# ops whose float outputs only copy, select or shrink values of their float inputs: when those
+# inputs are safe in FP16, so are the outputs, however large (the masked k-NN's -1e4 sentinel,
+# chosen to be representable in FP16, passes through Where and TopK this way)
+COPY_OPS = frozenset({
+    "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Expand", "Tile", "Concat", "Split",
+    "Slice", "Gather", "GatherElements", "GatherND", "Where", "TopK", "Max", "Min", "ReduceMax", "ReduceMin",
+    "MaxPool", "Relu", "Abs", "Neg", "Cast", "Pad",
+})
+
+
+def _constant_outputs(model: onnx.ModelProto) -> set:
+    consts = {t.name for t in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type in ("Constant", "ConstantOfShape") for o in n.output}
+    return consts
+
+
+def unsafe_tensors(model: onnx.ModelProto, ranges: Dict[str, float], bound: float = FP16_SAFE_BOUND) -> set:
+    """Float tensors that FP16 cannot be trusted to hold, from their measured max |value| (``ranges``).
+
+    A tensor computed from the input must stay below ``bound`` (the headroom
+    covers inputs unlike the analysed ones); a constant cannot grow and only
+    has to fit FP16 (``FP16_MAX``); the output of a :data:`COPY_OPS` node
+    whose float inputs are all safe only has to fit FP16 too, since its values
+    are values of those inputs.
+    """
+    consts = _constant_outputs(model)
+    unsafe = {t for t, v in ranges.items() if (v > FP16_MAX if t in consts else v > bound)}
+    for n in model.graph.node:  # graph order is topological
+        if n.op_type not in COPY_OPS or any(x in unsafe for x in n.input if x):
+            continue
+        for o in n.output:
+            if o in unsafe and ranges[o] <= FP16_MAX:
+                unsafe.discard(o)
+    return unsafe
+
+
+def overflow_nodes(model: onnx.ModelProto, ranges: Dict[str, float], islands: Iterable[str] = DEFAULT_FP32_ISLANDS,
+                   bound: float = FP16_SAFE_BOUND) -> List[Dict]:
+    """Nodes outside the islands that must stay FP32: they read or write an :func:`unsafe_tensors` tensor.
+
+    An input counts as much as an output: the Cast into an FP16 node would
+    overflow. Returns, in graph order, ``{"node", "op", "max_abs", "tensor"}``
+    with the node's largest unsafe tensor.
+    """
+    islands = tuple(islands)
+    unsafe = unsafe_tensors(model, ranges, bound)
+    kept = []
+    for n in model.graph.node:
+        if is_island(n.name, islands):
+            continue
+        bad = [(ranges[t], t) for t in list(n.input) + list(n.output) if t in unsafe]
+        if bad:
+            v, t = max(bad)
+            kept.append({"node": n.name, "op": n.op_type, "max_abs": v, "tensor": t})
+    return kept
 
 
 def count_precision(model: onnx.ModelProto, ops: Sequence[str] = ("Conv", "MatMul", "Gemm")) -> Dict[str, Dict[str, int]]:

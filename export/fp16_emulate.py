@@ -52,7 +52,7 @@ def emulate_fp16(model16: onnx.ModelProto) -> onnx.ModelProto:
         if i.type.tensor_type.elem_type == F16:
             i.type.tensor_type.elem_type = F32
             rename[i.name] = f"{i.name}:rounded"
-            nodes += _round(i.name, rename[i.name])
+            nodes += _round(i.name, rename[i.name], f"input:{i.name}")
     for node in g.node:
         node.input[:] = [rename.get(x, x) for x in node.input]
         for a in node.attribute:
@@ -66,11 +66,14 @@ def emulate_fp16(model16: onnx.ModelProto) -> onnx.ModelProto:
         raw = {o: f"{o}:raw" for o in outs16}
         node.output[:] = [raw.get(o, o) for o in node.output]
         nodes.append(node)
-        for o in outs16:
+        for j, o in enumerate(outs16):
+            # named after the producing node (its stable scope), not the tensor: tensor names may carry
+            # a module prefix (normalize-in-graph exports) that would look like another scope
+            base = f"{node.name}/out{j}"
             if node.op_type == "Cast":  # Cast(to=FLOAT16) already rounds: only widen after it
-                nodes.append(helper.make_node("Cast", [raw[o]], [o], name=f"{o}/Cast32", to=F32))
+                nodes.append(helper.make_node("Cast", [raw[o]], [o], name=f"{base}/Cast32", to=F32))
             else:
-                nodes += _round(raw[o], o)
+                nodes += _round(raw[o], o, base)
     for o in g.output:
         if o.type.tensor_type.elem_type == F16:
             o.type.tensor_type.elem_type = F32
@@ -80,8 +83,8 @@ def emulate_fp16(model16: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
-def _round(src: str, dst: str):
-    """Nodes computing dst = float32(float16(src))."""
+def _round(src: str, dst: str, base: str):
+    """Nodes computing dst = float32(float16(src)), named base/Cast16 and base/Cast32."""
     mid = f"{dst}:fp16"
-    return [helper.make_node("Cast", [src], [mid], name=f"{dst}/Cast16", to=F16),
-            helper.make_node("Cast", [mid], [dst], name=f"{dst}/Cast32", to=F32)]
+    return [helper.make_node("Cast", [src], [mid], name=f"{base}/Cast16", to=F16),
+            helper.make_node("Cast", [mid], [dst], name=f"{base}/Cast32", to=F32)]

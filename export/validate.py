@@ -7,6 +7,7 @@ the graph by the stable names of docs/design.md section 4.
 """
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
@@ -33,7 +34,10 @@ def degc_boundary_tensors(model: onnx.ModelProto) -> Dict[str, Tuple[str, str]]:
     info = {vi.name: vi.type.tensor_type for vi in inferred.graph.value_info}
     producer = {o: n.name for n in model.graph.node for o in n.output}
     out: Dict[str, Tuple[str, str]] = {}
-    prefixes = sorted({n.name.split("/")[0] for n in model.graph.node if ".degc" in n.name.split("/")[0]},
+    # only the stable scopes blocks.<i>.grapher.degc (docs/design.md section 4); anything else that
+    # mentions a degc (a helper node named after a tensor) is not a block
+    prefixes = sorted({n.name.split("/")[0] for n in model.graph.node
+                       if re.fullmatch(r"blocks\.\d+\.grapher\.degc", n.name.split("/")[0])},
                       key=lambda p: int(p.split(".")[1]))
     for pre in prefixes:
         found = {}
@@ -74,8 +78,27 @@ def with_debug_outputs(model: onnx.ModelProto, names: List[str]) -> onnx.ModelPr
     return dbg
 
 
+def in_graph_normalization(model: onnx.ModelProto) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """``(mean, std)`` as ``[1, 3, 1, 1]`` arrays when the graph normalises its input itself
+    (``--normalize-in-graph``, recorded in ``clustervig.preprocess``), else None."""
+    import json
+
+    meta = {p.key: p.value for p in model.metadata_props}
+    try:
+        pre = json.loads(meta.get("clustervig.preprocess", "{}"))
+    except json.JSONDecodeError:
+        return None
+    if not pre.get("normalize_in_graph"):
+        return None
+    shape = (1, 3, 1, 1)
+    return (np.asarray(pre["mean"], np.float32).reshape(shape), np.asarray(pre["std"], np.float32).reshape(shape))
+
+
 class OrtModel:
-    """An ONNX file in ONNX Runtime (CPU) that also returns every DEGC's labels and neighbours."""
+    """An ONNX file in ONNX Runtime (CPU) that also returns every DEGC's labels and neighbours.
+
+    :meth:`run` takes images normalised as the PyTorch model takes them, whatever the graph expects.
+    """
 
     def __init__(self, path: Union[Path, onnx.ModelProto], with_graph_outputs: bool = True) -> None:
         import onnxruntime as ort
@@ -99,6 +122,14 @@ class OrtModel:
             opts.log_severity_level = 3
             self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         self.input_type = np.float16 if "float16" in self.session.get_inputs()[0].type else np.float32
+        self.denormalize = in_graph_normalization(model)
+
+    def feed(self, x: np.ndarray) -> np.ndarray:
+        """The graph's input for images ``x`` normalised as the PyTorch model takes them."""
+        if self.denormalize is not None:  # --normalize-in-graph: the graph takes RGB in [0, 1]
+            mean, std = self.denormalize
+            x = x * std + mean
+        return x.astype(self.input_type)
 
     def run(self, x: np.ndarray) -> Dict[str, np.ndarray]:
         b = self.static_batch
@@ -107,7 +138,7 @@ class OrtModel:
                 raise ValueError(f"{x.shape[0]} inputs do not split into batches of {b}")
             parts = [self.run(x[i:i + b]) for i in range(0, x.shape[0], b)]
             return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        outs = self.session.run(None, {INPUT: x.astype(self.input_type)})
+        outs = self.session.run(None, {INPUT: self.feed(x)})
         res = {"logits": outs[0].astype(np.float32)}
         for i, pre in enumerate(self.boundaries):
             res[f"{pre}/labels"] = outs[1 + 2 * i]
@@ -153,6 +184,9 @@ def compare(ref: Dict[str, np.ndarray], out: Dict[str, np.ndarray]) -> Dict:
     a, b = ref["logits"].astype(np.float64), out["logits"].astype(np.float64)
     cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
     res = {
+        "images": int(len(b)),
+        # images whose logits (of the compared artifact) hold a NaN or inf: FP16 overflow, a broken graph
+        "nonfinite_images": int((~np.isfinite(b).all(axis=1)).sum()),
         "max_abs_diff": float(np.abs(a - b).max()),
         "cosine_min": float(cos.min()),
         "cosine_mean": float(cos.mean()),

@@ -210,3 +210,16 @@ def test_polygraphy_command_line_from_readme(tmp_path, exported):
             "--load-outputs", str(ref), "--atol", "1e-4", "--rtol", "1e-4"]
     r2 = subprocess.run(cmd2, capture_output=True, text=True)
     assert r2.returncode == 0 and "PASSED" in (r2.stdout + r2.stderr)
+
+
+def test_fp16_export_with_normalization_in_the_graph_validates(tmp_path):
+    # tensor names of a normalize-in-graph export carry the wrapper's "model." prefix: the FP16 emulation
+    # used to name nodes after them, and the validation took those for a DEGC scope and crashed
+    res = CliRunner().invoke(export_main, ["--model", "cvig_nano", "--fp16", "--normalize-in-graph", "--no-engine",
+                                    "-o", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["artifacts"]["fp16"]["tensorrt_op_issues"] == [] == report["artifacts"]["fp16"]["tensorrt_op_warnings"]
+    val = report["validation"]["results"]["photos"]
+    assert val["fp32 vs pytorch"]["max_abs_diff"] <= 1e-4  # the graph's own normalisation, fed [0, 1] images
+    assert len(val["fp16-emulated vs fp32"]["label_agreement_per_block"]) == 3
