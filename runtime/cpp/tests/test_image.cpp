@@ -7,14 +7,7 @@
 
 #include "cvig/image.h"
 
-static int failures = 0;
-#define CHECK(cond)                                                              \
-    do {                                                                         \
-        if (!(cond)) {                                                           \
-            std::cerr << __FILE__ << ":" << __LINE__ << ": CHECK(" #cond ") failed\n"; \
-            ++failures;                                                          \
-        }                                                                        \
-    } while (0)
+#include "check.h"
 
 template <typename F>
 static bool throwsWith(F f, std::string const& needle) {

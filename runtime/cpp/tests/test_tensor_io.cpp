@@ -7,14 +7,7 @@
 
 #include "cvig/tensor_io.h"
 
-static int failures = 0;
-#define CHECK(cond)                                                                      \
-    do {                                                                                 \
-        if (!(cond)) {                                                                   \
-            std::cerr << __FILE__ << ":" << __LINE__ << ": CHECK(" #cond ") failed\n";   \
-            ++failures;                                                                  \
-        }                                                                                \
-    } while (0)
+#include "check.h"
 
 static uint16_t half(float f) {
     uint16_t h = 0;
