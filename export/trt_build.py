@@ -46,8 +46,10 @@ def load_plugin_library(trt, path: Path) -> None:
         missing = [n for n in PLUGIN_NAMES if registry.get_creator(n, "1", "") is None]
         if missing:
             raise TensorRTUnavailable(f"TensorRT {trt.__version__} could not load the plugin library {path} and "
-                                      f"{', '.join(missing)} are not registered: check that it was built against this "
-                                      "TensorRT (cmake -DCVIG_TRT_ROOT=...) and exports getCreators")
+                                      f"{', '.join(missing)} are not registered: it was likely built for another "
+                                      f"TensorRT major (rebuild with cmake -DCVIG_TRT_ROOT=<TensorRT "
+                                      f"{trt.__version__.split('.')[0]}.x>), or the CUDA runtime it links "
+                                      "(libcudart) is not on the library path")
 
 
 def build_command_hint(onnx_path: Path, engine_path: Path, batch, img_size: int, tf32: bool = False,
