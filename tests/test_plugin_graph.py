@@ -16,10 +16,27 @@ from clustervig.export.plugin_graph import SurgeryError, ort_session, to_plugin_
 from test_export_onnx import photos_model
 
 
+_EXPORTS = {}  # (name, seed, simplify) -> (model, photos, graph): cvig_ti takes ~10 s to export on 2 cores
+
+
 def exported(tmp_path, name, seed=0, simplify=True, **kw):
-    model, photos = photos_model(name, seed=seed) if not kw else _model(name, seed, **kw)
-    export_onnx(model, tmp_path / f"{name}.onnx", BatchSpec(1, 4, 4), simplify=simplify)
-    return model, photos, onnx.load(str(tmp_path / f"{name}.onnx"))
+    """The model, its photographs and its ONNX graph, also saved as tmp_path/<name>.onnx.
+
+    Exports without overrides are made once per test session (tests only read them: a fresh copy of
+    the graph each time)."""
+    key = (name, seed, simplify)
+    if kw or key not in _EXPORTS:
+        model, photos = photos_model(name, seed=seed) if not kw else _model(name, seed, **kw)
+        export_onnx(model, tmp_path / f"{name}.onnx", BatchSpec(1, 4, 4), simplify=simplify)
+        g = onnx.load(str(tmp_path / f"{name}.onnx"))
+        if kw:
+            return model, photos, g
+        _EXPORTS[key] = (model, photos, g)
+    model, photos, g = _EXPORTS[key]
+    copy = onnx.ModelProto()
+    copy.CopyFrom(g)
+    onnx.save(copy, str(tmp_path / f"{name}.onnx"))
+    return model, photos, copy
 
 
 def _model(name, seed, **kw):
@@ -42,16 +59,19 @@ def pure_logits(tmp_path, name, x):
 
 @pytest.mark.parametrize("name,seed", [("cvig_nano", 0), ("cvig_ti", 1)])
 def test_plugin_graph_equals_pure_graph(tmp_path, name, seed):
+    """Surgery replaces every DEGC piece; on the host kernels every block's labels and neighbour sets
+    equal the pure graph's and the logits agree within 1e-5."""
     model, photos, g = exported(tmp_path, name, seed)
     pg, rep = to_plugin_graph(g)
     onnx.checker.check_model(pg, full_check=True)
     depth = model.cfg.depth
     assert rep.replaced == {"CvigKMeans": depth, "CvigPartitionedKNN": depth, "CvigGatherMaxRel": depth}
-    x = photos.numpy()
-    diff = np.abs(ort_session(pg).run(None, {"images": x})[0] - pure_logits(tmp_path, name, x)).max()
-    assert diff <= 1e-5
     if name == "cvig_ti":
         assert rep.nodes_before >= 5 * rep.nodes_after  # acceptance: >= 5x fewer nodes
+    a, b, blocks = run_both(g, photos.numpy())
+    assert blocks == depth and len(a) == len(b) == 1 + 2 * depth
+    assert_same_graph(a, b, depth)
+    assert np.abs(a[0] - b[0]).max() <= 1e-5
 
 
 def test_every_grapher_is_replaced_with_parser_attributes(tmp_path):
@@ -160,16 +180,6 @@ def run_both(pure: onnx.ModelProto, x: np.ndarray):
     # reorder [logits, l0, i0, l1, i1, ...] -> [logits, l0, l1, ..., i0, i1, ...]
     order = lambda outs: [outs[0]] + outs[1::2] + outs[2::2]  # noqa: E731
     return order(a), order(b), len(bp)
-
-
-@pytest.mark.parametrize("name,seed", [("cvig_nano", 0), ("cvig_ti", 1)])
-def test_plugin_graph_host_kernels_keep_labels_and_neighbours(tmp_path, name, seed):
-    model, photos, g = exported(tmp_path, name, seed)
-    a, b, depth = run_both(g, photos.numpy())
-    assert depth == model.cfg.depth
-    assert len(a) == len(b) == 1 + 2 * depth
-    assert_same_graph(a, b, depth)
-    assert np.abs(a[0] - b[0]).max() <= 1e-4
 
 
 def assert_same_graph(a, b, depth):
