@@ -1,6 +1,7 @@
 """INT8 calibration of ClusterViG ONNX graphs (symmetric Q/DQ for strongly typed TensorRT)."""
 from .calibrate import METHODS, collect_ranges, conv_activations, load_or_collect, quantize_qdq
-from .data import CalibrationDataError, array_batches, folder_batches, image_files
+from .data import CalibrationDataError, array_batches, calibration_files, file_batches, folder_batches, image_files
 
 __all__ = ["METHODS", "collect_ranges", "conv_activations", "load_or_collect", "quantize_qdq",
-           "CalibrationDataError", "array_batches", "folder_batches", "image_files"]
+           "CalibrationDataError", "array_batches", "calibration_files", "file_batches", "folder_batches",
+           "image_files"]

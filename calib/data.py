@@ -27,15 +27,7 @@ def image_files(folder: Path) -> List[Path]:
 
 def folder_batches(folder: Path, spec: Dict, samples: int, batch: int = 8, min_samples: int = 1) -> Iterator[np.ndarray]:
     """Preprocessed float32 batches from up to ``samples`` images of ``folder`` (sorted, recursive)."""
-    files = image_files(folder)[:samples]
-    if len(files) < min_samples:
-        raise CalibrationDataError(f"calibration folder {folder} has {len(files)} images; at least {min_samples} are "
-                                   "needed (--calib-samples)")
-    for i in range(0, len(files), batch):
-        try:
-            yield load_batch(files[i : i + batch], spec).numpy()
-        except ImageError as exc:
-            raise CalibrationDataError(f"calibration image unusable: {exc}") from None
+    yield from file_batches(calibration_files(folder, samples, min_samples), spec, batch)
 
 
 def array_batches(images: np.ndarray, spec: Dict, batch: int = 8, min_samples: int = 1) -> Iterator[np.ndarray]:
@@ -47,3 +39,22 @@ def array_batches(images: np.ndarray, spec: Dict, batch: int = 8, min_samples: i
         raise CalibrationDataError(f"{len(images)} calibration samples given; at least {min_samples} are needed")
     for i in range(0, len(images), batch):
         yield np.ascontiguousarray(images[i : i + batch], dtype=np.float32)
+
+
+def calibration_files(folder: Path, samples: int, min_samples: int = 1) -> List[Path]:
+    """The images a calibration uses: the first ``samples`` of ``folder`` (sorted, recursive), at least
+    ``min_samples`` of them. Counted before any long work so a short folder fails at once."""
+    files = image_files(folder)[:samples]
+    if len(files) < min_samples:
+        raise CalibrationDataError(f"calibration folder {folder} has {len(files)} images; at least {min_samples} are "
+                                   "needed (--calib-samples)")
+    return files
+
+
+def file_batches(files: List[Path], spec: Dict, batch: int = 8) -> Iterator[np.ndarray]:
+    """Preprocessed float32 batches of ``files``."""
+    for i in range(0, len(files), batch):
+        try:
+            yield load_batch(files[i : i + batch], spec).numpy()
+        except ImageError as exc:
+            raise CalibrationDataError(f"calibration image unusable: {exc}") from None
