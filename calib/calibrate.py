@@ -11,7 +11,7 @@ calibration images, with one of three methods: ``max`` (largest |x|),
 ``percentile`` (99.99th percentile of |x|), ``entropy`` (the threshold that
 minimises the KL divergence between the clipped FP32 histogram and its INT8
 quantization, TensorRT's classic method). A JSON cache keyed by the graph
-hash, method and sample count makes a second run free.
+hash, the method and the images used (count and contents) makes a second run free.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -136,22 +136,44 @@ def _finish(names, amax, samples, method, percentile) -> Dict[str, float]:
     return out
 
 
-def load_or_collect(model: onnx.ModelProto, batches_fn, method: str, samples: int, cache: Optional[Path]) -> Dict:
-    """Ranges from ``cache`` when it matches (graph hash, method, samples), else calibrate and write it."""
-    key = {"graph": graph_hash(model), "method": method, "samples": samples}
+def images_fingerprint(files: Sequence[Path]) -> str:
+    """SHA-256 over the ordered contents of the calibration images (a changed, added, removed or
+    reordered image changes it; renaming or touching a file does not)."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(hashlib.sha256(Path(f).read_bytes()).digest())
+    return h.hexdigest()[:32]
+
+
+def cache_key(model: onnx.ModelProto, method: str, files: Sequence[Path]) -> Dict:
+    """What calibrated ranges depend on: the graph (its preprocessing metadata included), the
+    method, and the images actually used (their number and contents)."""
+    return {"graph": graph_hash(model), "method": method, "samples": len(files), "images": images_fingerprint(files)}
+
+
+def load_or_collect(model: onnx.ModelProto, batches_fn, method: str, files: Sequence[Path], cache: Optional[Path],
+                    write_to: Optional[Path] = None) -> Dict:
+    """Ranges from ``cache`` when its key (:func:`cache_key`: graph, method, the images ``files``) matches,
+    else calibrate on ``batches_fn()`` (the preprocessed ``files``). The result is written to ``write_to``
+    (default: ``cache``); ``cvig export`` writes into its staging folder so an interrupted export never
+    replaces the cache of the earlier complete one."""
+    key = cache_key(model, method, files)
+    ranges, cached = None, False
     if cache is not None and Path(cache).is_file():
         try:
             data = json.loads(Path(cache).read_text())
             if data.get("key") == key:
-                return {"ranges": data["ranges"], "cached": True}
-        except (json.JSONDecodeError, KeyError):
+                ranges, cached = {k: float(v) for k, v in data["ranges"].items()}, True
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError, ValueError):
             pass  # a broken cache is recomputed
-    ranges = collect_ranges(model, batches_fn(), method)
-    if cache is not None:
-        tmp = Path(cache).with_name(f".{Path(cache).name}.tmp")
+    if ranges is None:
+        ranges = collect_ranges(model, batches_fn(), method)
+    dest = write_to if write_to is not None else cache
+    if dest is not None:
+        tmp = Path(dest).with_name(f".{Path(dest).name}.tmp")
         tmp.write_text(json.dumps({"key": key, "ranges": ranges}, indent=1))
-        os.replace(tmp, cache)
-    return {"ranges": ranges, "cached": False}
+        os.replace(tmp, dest)
+    return {"ranges": ranges, "cached": cached, "key": key}
 
 
 def quantize_qdq(model: onnx.ModelProto, ranges: Dict[str, float]) -> onnx.ModelProto:

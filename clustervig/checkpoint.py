@@ -25,6 +25,8 @@ class CheckpointError(ValueError):
 def read_checkpoint(path: PathLike) -> Dict[str, Any]:
     """Read a checkpoint file into a dict; clear errors for missing/corrupt files."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory, not a file (give the .pth file inside it)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (check the path)")
     try:
@@ -54,10 +56,10 @@ def extract_state_dict(obj: Mapping[str, Any]) -> Dict[str, Tensor]:
     return sd
 
 
-def _fmt(keys) -> str:
+def _fmt(keys, limit: int = _MAX_LISTED) -> str:
     keys = sorted(keys)
-    more = f" ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
-    return ", ".join(keys[:_MAX_LISTED]) + more
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
 
 
 def load_state_dict(model: ClusterViG, sd: Mapping[str, Tensor], source: str = "checkpoint") -> None:
@@ -82,17 +84,19 @@ def load_state_dict(model: ClusterViG, sd: Mapping[str, Tensor], source: str = "
     unexpected = set(sd) - set(own)
     wrong = {k for k in set(own) & set(sd) if own[k].shape != sd[k].shape}
     if missing or unexpected or wrong:
+        hint = _hint(model, sd)
+        n = 6 if hint else _MAX_LISTED  # with a diagnosis, a few keys illustrate it; the full lists would bury it
         lines = [f"{source} does not match {model.cfg.name} (dim={model.cfg.dim}, depth={model.cfg.depth}, "
                  f"gcn={model.cfg.gcn}, num_classes={model.cfg.num_classes}):"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {_fmt(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {_fmt(unexpected)}")
-        if wrong:
-            lines.append("  shape mismatches: " + _fmt(f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong))
-        hint = _hint(model, sd)
         if hint:
             lines.append("  hint: " + hint)
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {_fmt(missing, n)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {_fmt(unexpected, n)}")
+        if wrong:
+            lines.append(f"  shape mismatches ({len(wrong)}): "
+                         + _fmt([f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong], n))
         raise CheckpointError("\n".join(lines))
     model.load_state_dict(sd, strict=False)
 
@@ -100,7 +104,8 @@ def load_state_dict(model: ClusterViG, sd: Mapping[str, Tensor], source: str = "
 def _hint(model: ClusterViG, sd: Mapping[str, Tensor]) -> Optional[str]:
     w = sd.get("head.weight")
     if w is not None and w.shape[0] != model.cfg.num_classes:
-        return f"the checkpoint has {w.shape[0]} classes: pass num_classes={w.shape[0]}"
+        return (f"the checkpoint has {w.shape[0]} classes: --num-classes {w.shape[0]} on the command line, "
+                f"num_classes={w.shape[0]} in Python")
     pe = sd.get("pos_embed")
     if pe is not None and pe.ndim == 4 and (pe.shape[1] != model.cfg.dim or pe.shape[2] != model.cfg.grid):
         return f"the checkpoint has dim={pe.shape[1]}, grid={pe.shape[2]}: choose the matching variant"
@@ -153,9 +158,12 @@ def save_checkpoint(model: ClusterViG, path: PathLike, **meta: Any) -> Path:
 
 def model_from_checkpoint(path: PathLike, form: str = "static", **overrides: Any) -> ClusterViG:
     """Build the model recorded in a checkpoint saved by :func:`save_checkpoint` and load it."""
+    return _from_record(Path(path), read_checkpoint(path), form, **overrides)
+
+
+def _from_record(path: Path, obj: Mapping[str, Any], form: str = "static", **overrides: Any) -> ClusterViG:
     from .registry import create_model
 
-    obj = read_checkpoint(path)
     cfg = obj.get("config")
     if not isinstance(cfg, Mapping) or "name" not in cfg:
         raise CheckpointError(
@@ -171,5 +179,48 @@ def model_from_checkpoint(path: PathLike, form: str = "static", **overrides: Any
     gcn = cfg.pop("gcn", "mr")
     form = cfg.pop("form")
     model = create_model(name, num_classes=num_classes, gcn=gcn, form=form, **cfg)
+    load_state_dict(model, extract_state_dict(obj), source=f"checkpoint {path}")
+    return model
+
+
+def recorded_config(path: PathLike) -> Optional[Dict[str, Any]]:
+    """The model config a clustervig checkpoint records (None for other checkpoints)."""
+    cfg = read_checkpoint(path).get("config")
+    return dict(cfg) if isinstance(cfg, Mapping) and "name" in cfg else None
+
+
+def build_model(name: Optional[str], checkpoint: Optional[PathLike], num_classes: Optional[int] = None,
+                **overrides: Any) -> ClusterViG:
+    """The model of ``--model NAME --checkpoint PATH --num-classes N``, as every cvig command builds it.
+
+    A checkpoint saved by clustervig records its variant and class count: it is rebuilt from that
+    record, and a ``name`` or ``num_classes`` that contradicts the record is an error naming both
+    (rather than a list of mismatching keys, or a silently ignored option). Other checkpoints need
+    ``name`` and are loaded into ``create_model(name, num_classes=...)``.
+    """
+    from .registry import create_model
+
+    if checkpoint is None:
+        if name is None:
+            raise CheckpointError("give --model NAME, or --checkpoint of a file saved by clustervig (it records its model)")
+        return create_model(name, num_classes=num_classes, **overrides)
+    path = Path(checkpoint)
+    obj = read_checkpoint(path)
+    cfg = obj.get("config")
+    if isinstance(cfg, Mapping) and "name" in cfg:
+        if name is not None and name != cfg["name"]:
+            raise CheckpointError(
+                f"checkpoint {path} holds a {cfg['name']} model (recorded in the file), not {name}: omit --model "
+                f"(the checkpoint says which variant it is) or give --model {cfg['name']}")
+        rec_classes = cfg.get("num_classes", 1000)
+        if num_classes is not None and num_classes != rec_classes:
+            raise CheckpointError(
+                f"checkpoint {path} has {rec_classes} classes (recorded in the file), not --num-classes {num_classes}: "
+                "omit --num-classes (a classifier head of another size would have no trained weights)")
+        return _from_record(path, obj, **overrides)
+    if name is None:
+        raise CheckpointError(f"checkpoint {path} records no model config (it was not saved by clustervig): "
+                              "name the variant with --model NAME")
+    model = create_model(name, num_classes=num_classes, **overrides)
     load_state_dict(model, extract_state_dict(obj), source=f"checkpoint {path}")
     return model

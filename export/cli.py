@@ -15,14 +15,17 @@ import onnx
 import torch
 
 import clustervig
-from clustervig.checkpoint import CheckpointError, model_from_checkpoint
+from clustervig.checkpoint import CheckpointError
+from clustervig.checkpoint import build_model as build_checked_model
+from clustervig.cliutil import CTX, check_output_dir, check_output_file, existing_file, signals_deferred, \
+    terminate_as_interrupt
 from clustervig.preprocess import sample_photographs, transform_spec
 from clustervig.utils import calibrate_batchnorm
 
-from .fp16 import DEFAULT_FP32_ISLANDS, FP16_HEADROOM, FP16_SAFE_BOUND, convert_fp16, count_precision, float_tensor_ranges, \
+from .fp16 import DEFAULT_FP32_ISLANDS, FP16_HEADROOM, ISLAND_PIECES, FP16_SAFE_BOUND, convert_fp16, count_precision, float_tensor_ranges, \
     is_island, overflow_nodes
 from .gates import DEFAULT_GATES, GateError, check_gates, effective_gates, fmt_cosine, fmt_fraction, parse_gates
-from clustervig.calib import CalibrationDataError, folder_batches, image_files, load_or_collect, quantize_qdq
+from clustervig.calib import CalibrationDataError, calibration_files, file_batches, load_or_collect, quantize_qdq
 
 from .plugin_graph import SurgeryError, to_plugin_graph
 from .onnx_export import MIN_OPSET, BatchSpec, ExportError, atomic_save, check_model, export_onnx, get_metadata, set_metadata
@@ -78,26 +81,11 @@ def _done(t0: float, extra: str = "") -> float:
     return dt
 
 
-def _check_out_dir(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise click.ClickException(f"cannot create output directory {out}: {exc.strerror}") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise click.ClickException(f"output directory {out} is not writable; choose another with -o")
-
-
 def build_model(model_name: Optional[str], checkpoint: Optional[Path], num_classes: Optional[int],
                 overrides: Dict) -> clustervig.ClusterViG:
     try:
-        if model_name is None:
-            if checkpoint is None:
-                raise click.UsageError("give --model NAME, or --checkpoint of a file saved by clustervig (it records its model)")
-            return model_from_checkpoint(checkpoint, **overrides)
-        return clustervig.create_model(model_name, pretrained=checkpoint, num_classes=num_classes, **overrides)
-    except CheckpointError as exc:
-        raise click.ClickException(str(exc)) from None
-    except ValueError as exc:
+        return build_checked_model(model_name, checkpoint, num_classes, **overrides)
+    except (CheckpointError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -112,31 +100,47 @@ def validation_inputs(model, batch: BatchSpec, samples: int) -> Dict[str, torch.
     return {"photos": photos.repeat(reps, 1, 1, 1)[:n], "random": torch.randn(n, 3, size, size, generator=g)}
 
 
-@click.command(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+def parse_islands(text: str) -> List[str]:
+    """``--fp32-islands``: comma-separated DEGC pieces, or 'none'; a misspelt piece is an error (it would
+    silently put that piece in FP16)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if parts == ["none"]:
+        return []
+    bad = [p for p in parts if p not in ISLAND_PIECES]
+    if bad:
+        raise click.BadParameter(f"unknown piece{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad))}; choose from "
+                                 f"{','.join(ISLAND_PIECES)} (or 'none')", param_hint="--fp32-islands")
+    return parts
+
+
+@click.command(epilog=EXAMPLES, context_settings=CTX)
 @click.option("--model", "model_name", type=click.Choice(clustervig.list_models()), default=None,
-              help="Variant to export. May be omitted when --checkpoint was saved by clustervig.")
+              help="Variant to export. May be omitted when --checkpoint was saved by clustervig (it records its variant).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Weights (.pth). Absent: random weights, BN calibrated on sample photos - loudly warned.")
-@click.option("--num-classes", type=int, default=None, help="Classifier outputs (default: the variant's).")
+@click.option("--num-classes", type=click.IntRange(min=1), default=None,
+              help="Classifier outputs (default: the variant's, or what the checkpoint records).")
 @click.option("--seed", type=int, default=0, help="Seed of the random weights when there is no --checkpoint (reproducible demos and benchmarks).")
 @click.option("--gcn", type=click.Choice(["mr", "edge", "sage", "gin"]), default=None, help="Local update (default: the variant's).")
-@click.option("--batch", type=int, default=None, help="Static batch size (default 1).")
+@click.option("--batch", type=click.IntRange(min=1), default=None, help="Static batch size (default 1).")
 @click.option("--dynamic-batch", default=None, metavar="MIN:OPT:MAX", help="Dynamic batch range, e.g. 1:8:32.")
 @click.option("--fp16/--no-fp16", default=False, help="Also write an FP16 graph (FP16 compute, FP32 islands).")
 @click.option("--fp16-io/--fp32-io", default=False, help="FP16 graph takes and returns float16.")
-@click.option("--fp32-islands", default=",".join(DEFAULT_FP32_ISLANDS),
-              help="DEGC pieces kept in FP32 in the FP16 graph (norm,kmeans,knn,centroids,gat,local).")
+@click.option("--fp32-islands", default=",".join(DEFAULT_FP32_ISLANDS), callback=lambda ctx, param, v: parse_islands(v),
+              help=f"DEGC pieces kept in FP32 in the FP16 graph: any of {','.join(ISLAND_PIECES)}, or 'none'.")
 @click.option("--int8/--no-int8", default=False, help="Also write an INT8 Q/DQ graph calibrated on --calib-dir.")
-@click.option("--calib-dir", type=click.Path(path_type=Path), default=None, help="Folder of calibration images (JPEG/PNG).")
+@click.option("--calib-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder of calibration images (PNG/JPEG, searched recursively, sorted by path).")
 @click.option("--calib-method", type=click.Choice(["entropy", "percentile", "max"]), default="entropy",
               help="Activation range method.")
-@click.option("--calib-samples", type=int, default=64, help="Calibration images used (at least 8).")
+@click.option("--calib-samples", type=int, default=64,
+              help=f"Calibration images used: the first N of --calib-dir (at least {MIN_CALIB_SAMPLES}).")
 @click.option("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset (>= {MIN_OPSET}).")
 @click.option("--knn", type=click.Choice(["auto", "masked", "padded"]), default="auto",
-              help="Static k-NN layout: masked N x N TopK, or padded partitions.")
+              help="Static k-NN layout: masked N x N TopK, or padded partitions (auto: masked up to N = 1024).")
 @click.option("--capacity", default=None, metavar="P|auto", callback=lambda ctx, param, v: parse_capacity(v),
-              help="Padded-partition capacity: an integer P in 1..N (default N: exact), or 'auto': the smallest P "
-                   f"without overflow on the validation (and --calib-dir) images, times {CAPACITY_AUTO_MARGIN}, "
+              help="Padded layout only: partition capacity, an integer P in 1..N (default N: exact), or 'auto': the "
+                   f"smallest P without overflow on the validation (and --calib-dir) images, times {CAPACITY_AUTO_MARGIN}, "
                    "rounded up, at most N.")
 @click.option("--normalize-in-graph/--normalize-outside", default=False,
               help="Put (x - mean) / std in the graph (input is RGB in [0, 1]).")
@@ -147,56 +151,93 @@ def validation_inputs(model, batch: BatchSpec, samples: int) -> Dict[str, torch.
 @click.option("--engine/--no-engine", default=True, help="Build TensorRT engines when tensorrt is importable.")
 @click.option("--plugins-lib", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="libcvig_plugins.so: also build the plugin graph's engine (plugins/README.md).")
-@click.option("--workspace", type=int, default=2048, help="TensorRT workspace limit in MiB.")
+@click.option("--workspace", type=click.IntRange(min=1), default=2048, help="TensorRT workspace limit in MiB.")
 @click.option("--tf32/--no-tf32", default=False,
               help="Let TensorRT run FP32 layers in TF32 (10-bit mantissa inputs); off keeps the FP32 islands FP32.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="TensorRT timing cache file (read and updated).")
 @click.option("--triton-repo", type=click.Path(path_type=Path), default=None,
               help="Also write a Triton model repository (ONNX Runtime model, and the engine when built).")
 @click.option("--validate/--no-validate", default=True, help="Compare every artifact with PyTorch.")
-@click.option("--samples", type=int, default=4, help="Images per validation input set (dynamic batch).")
+@click.option("--samples", type=click.IntRange(min=1), default=4, help="Images per validation input set (dynamic batch).")
 @click.option("--gate", "gate_specs", multiple=True, metavar="KEY=VALUE",
               help="Override a validation gate, e.g. --gate fp16.cosine=0.98 or --gate fp16.top1=1 (repeatable; "
                    f"keys: {', '.join(DEFAULT_GATES)}).")
 @click.option("--no-gates", "no_gates", is_flag=True, default=False,
               help="Expert: publish even when an artifact misses its validation gates (they are still reported).")
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output directory.")
+@click.option("-o", "--output", "--out", "out", type=click.Path(path_type=Path), required=True,
+              help="Output folder. An earlier export there is replaced as a whole; other files are left alone.")
 def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, fp16, fp16_io, fp32_islands, int8, calib_dir,
          calib_method, calib_samples, opset, knn,
          capacity, normalize_in_graph, simplify, plugins, engine, plugins_lib, workspace, tf32, timing_cache, triton_repo, validate,
          samples, out, gate_specs, no_gates):
-    """Export a ClusterViG checkpoint to ONNX (FP32, optionally FP16), validate it against
-    PyTorch, and build TensorRT engines where TensorRT is installed."""
+    """Export a ClusterViG checkpoint to ONNX (FP32, optionally FP16/INT8/plugin graph), validate every
+    artifact against PyTorch, and build TensorRT engines where TensorRT is installed."""
+    # every argument, input and output path is checked here, before any long work
     if batch is not None and dynamic_batch is not None:
         raise click.UsageError("use either --batch or --dynamic-batch, not both")
-    if batch is not None and batch < 1:
-        raise click.UsageError("--batch must be >= 1")
     try:
         bspec = BatchSpec.parse(dynamic_batch) if dynamic_batch else BatchSpec(batch or 1, batch or 1, batch or 1)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     if opset < MIN_OPSET:
         raise click.ClickException(f"opset {opset} is too low: ClusterViG needs opset >= {MIN_OPSET} (e.g. --opset {MIN_OPSET})")
-    if checkpoint is not None and not checkpoint.is_file():
-        raise click.ClickException(f"checkpoint {checkpoint} does not exist (check the path)")
+    if model_name is None and checkpoint is None:
+        raise click.UsageError("give --model NAME, or --checkpoint of a file saved by clustervig (it records its model)")
+    if checkpoint is not None:
+        existing_file(checkpoint, "checkpoint")
+    if knn == "masked" and capacity is not None:
+        raise click.UsageError(f"--capacity {capacity} applies to the padded k-NN layout; --knn masked has no partition "
+                               "capacity (add --knn padded, or drop --capacity)")
+    islands = fp32_islands
     if int8 and calib_dir is None:
         raise click.UsageError("--int8 needs --calib-dir DIR with calibration images")
-    if int8 and calib_samples < MIN_CALIB_SAMPLES:
-        raise click.UsageError(f"--calib-samples {calib_samples}: at least {MIN_CALIB_SAMPLES} are needed")
-    if int8:
+    if calib_samples < (MIN_CALIB_SAMPLES if int8 else 1):
+        raise click.UsageError(f"--calib-samples {calib_samples}: at least {MIN_CALIB_SAMPLES if int8 else 1} are needed")
+    calib_files: Optional[List[Path]] = None
+    if calib_dir is not None:
         try:
-            image_files(calib_dir)
+            calib_files = calibration_files(calib_dir, calib_samples, MIN_CALIB_SAMPLES if int8 else 1)
         except CalibrationDataError as exc:
             raise click.ClickException(str(exc)) from None
-    islands = [p for p in fp32_islands.split(",") if p]
+        if len(calib_files) < calib_samples:
+            click.secho(f"note: {calib_dir} holds {len(calib_files)} images, fewer than --calib-samples {calib_samples}: "
+                        f"calibrating on {len(calib_files)}", fg="yellow", err=True)
     try:
         gate_overrides = parse_gates(gate_specs)
     except GateError as exc:
         raise click.BadParameter(str(exc), param_hint="--gate") from None
+    check_output_dir(out, "-o/--output")
+    check_output_dir(triton_repo, "--triton-repo")
+    check_output_file(timing_cache, "--timing-cache")
+    if triton_repo is not None and _inside(Path(triton_repo), Path(out)) is not None:
+        raise click.BadParameter(f"{triton_repo} is inside the output folder {out}; give the repository its own folder",
+                                 param_hint="--triton-repo")
+    earlier = earlier_export(out)  # read before any work: a broken report.json is reported now
     if no_gates:
         click.secho("WARNING: --no-gates: artifacts are published even if they miss their validation gates "
                     "(failures are only printed and recorded in report.json).", fg="yellow", err=True)
-    _check_out_dir(out)
+    created = not Path(out).exists()
+    try:
+        with terminate_as_interrupt():
+            _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io, islands, int8, calib_dir, calib_files,
+                    calib_method, opset, knn, capacity, normalize_in_graph, simplify, plugins, engine, plugins_lib, workspace,
+                    tf32, timing_cache, triton_repo, validate, samples, Path(out), gate_overrides, no_gates, earlier)
+    except BaseException:
+        if created and Path(out).is_dir() and not any(Path(out).iterdir()):
+            Path(out).rmdir()  # a failed first export leaves no empty folder behind
+        raise
+
+
+def _inside(path: Path, folder: Path) -> Optional[Path]:
+    try:
+        return path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return None
+
+
+def _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io, islands, int8, calib_dir, calib_files,
+            calib_method, opset, knn, capacity, normalize_in_graph, simplify, plugins, engine, plugins_lib, workspace, tf32,
+            timing_cache, triton_repo, validate, samples, out: Path, gate_overrides, no_gates, earlier) -> None:
     n_steps = 3 + int(fp16) + int(validate) + int(plugins) + int(int8)
     step = 0
     timings: Dict[str, float] = {}
@@ -207,6 +248,9 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
     t = _step(step, n_steps, f"building {model_name or 'model from checkpoint'}" + (f" from {checkpoint}" if checkpoint else ""))
     torch.manual_seed(seed)
     model = build_model(model_name, checkpoint, num_classes, overrides).eval()
+    if capacity is not None and model.cfg.knn_mode != "padded":
+        raise click.UsageError(f"--capacity {capacity} applies to the padded k-NN layout, and {model.cfg.name} "
+                               f"(N = {model.cfg.tokens} tokens) uses the masked one with --knn {knn}; add --knn padded")
     inputs = validation_inputs(model, bspec, samples)
     if checkpoint is None:
         click.secho("WARNING: no --checkpoint: exporting RANDOM weights (BatchNorm statistics calibrated on sample "
@@ -214,9 +258,11 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
         # all sample photographs, whatever the batch: statistics of a single image
         # zero the head's BatchNorm (one pooled vector has no variance) and the logits with it
         calibrate_batchnorm(model, [sample_photographs(transform_spec(model.cfg))])
-    capacity_info = resolve_capacity(model, capacity, inputs, calib_dir, calib_samples)
+    spec = transform_spec(model.cfg)
+    capacity_info = resolve_capacity(model, capacity, inputs, calib_files)
     timings["build_model"] = _done(t, f"{model.cfg.name}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params")
 
+    out.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".cvig-export-", dir=out))
     try:
         step += 1
@@ -233,7 +279,7 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
             step += 1
             t = _step(step, n_steps, f"converting to FP16 (FP32 islands: {', '.join(islands) or 'none'})")
             g32 = onnx.load(str(fp32_path))
-            range_analysis = fp16_range_analysis(g32, inputs, islands, calib_dir, transform_spec(model.cfg), calib_samples)
+            range_analysis = fp16_range_analysis(g32, inputs, islands, calib_files, spec)
             kept = [k["node"] for k in range_analysis["kept_fp32"]]
             g16 = convert_fp16(g32, islands, fp16_io, keep_fp32=kept)
             set_metadata(g16, {"clustervig.precision": "fp16", "clustervig.fp32_islands": ",".join(islands),
@@ -247,15 +293,14 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
                                               f"MatMul FP16 {precision['MatMul']['fp16']} / FP32 {precision['MatMul']['fp32']}; "
                                               f"{len(kept)} more nodes kept FP32 by range analysis "
                                               f"(max |x| outside the islands {range_analysis['max_abs_outside_islands']:.3g})")
+        calibration = None
         if int8:
             step += 1
-            t = _step(step, n_steps, f"INT8 Q/DQ graph ({calib_method} calibration on {calib_dir})")
+            t = _step(step, n_steps, f"INT8 Q/DQ graph ({calib_method} calibration on {len(calib_files)} images of {calib_dir})")
             g32 = onnx.load(str(fp32_path))
-            cache = out / "calibration_cache.json"
-            spec = transform_spec(model.cfg)
             try:
-                cal = load_or_collect(g32, lambda: folder_batches(calib_dir, spec, calib_samples, 8, MIN_CALIB_SAMPLES),
-                                      calib_method, calib_samples, cache)
+                cal = load_or_collect(g32, lambda: file_batches(calib_files, spec, 8), calib_method, calib_files,
+                                      out / CALIB_CACHE, write_to=stage / CALIB_CACHE)
             except CalibrationDataError as exc:
                 raise click.ClickException(str(exc)) from None
             g8 = quantize_qdq(g32, cal["ranges"])
@@ -263,8 +308,10 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
             check_model(g8)
             atomic_save(g8, stage / "model_int8.onnx")
             artifacts["int8"] = stage / "model_int8.onnx"
+            calibration = {"method": calib_method, "folder": str(calib_dir), "images": len(calib_files),
+                           "images_sha256": cal["key"]["images"], "from_cache": cal["cached"]}
             timings["export_int8"] = _done(t, f"{len(cal['ranges'])} activation ranges"
-                                              f"{' (from cache)' if cal['cached'] else ''}")
+                                              f"{' (from cache: same graph, method and images)' if cal['cached'] else ''}")
         if plugins:
             step += 1
             t = _step(step, n_steps, "plugin graph (graph surgery by stable names)")
@@ -286,6 +333,7 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
             "fp32_islands": islands if fp16 else None,
             "fp16_range_analysis": range_analysis if fp16 else None,
             "capacity": capacity_info,
+            "calibration": calibration,
             "plugins": {"replaced": surgery.replaced, "nodes_before": surgery.nodes_before,
                         "nodes_after": surgery.nodes_after} if plugins else None,
             "artifacts": {},
@@ -303,7 +351,8 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
         else:
             report["gates"] = {"enforced": False, "why": "--no-validate: nothing was compared", "failed": []}
         if report["gates"]["failed"] and not no_gates:
-            failed_dir = _keep_failed(stage, out, report, artifacts, precision)
+            with signals_deferred():
+                failed_dir = _keep_failed(stage, out, report, artifacts, precision)
             click.echo(summary_table(report), err=False)
             for line in report["gates"]["failed"]:
                 click.secho(f"GATE FAILED {line}", fg="red", err=True)
@@ -351,36 +400,86 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
                 for line in entry["tensorrt_op_warnings"]:
                     click.secho(f"note: {path.name}: {line}", fg="yellow", err=True)
             report["artifacts"][name] = entry
-        names = _class_names(model.cfg)
-        sidecars = write_sidecars(stage, names, metas)
-        # publish: everything or nothing
-        final = {}
-        for path in sidecars:
-            os.replace(path, out / path.name)
-        for name, path in staged.items():
-            dest = out / path.name
-            os.replace(path, dest)
-            final[name] = dest
         if precision:
             report["artifacts"]["fp16"]["precision_of_compute_ops"] = precision
+        names = _class_names(model.cfg)
+        sidecars = write_sidecars(stage, names, metas)
         if triton_repo is not None:
-            name = model.cfg.name
-            src = final.get("fp16", final["fp32"])
-            written = write_triton_repo(triton_repo, name, src, bspec, model.cfg.img_size, model.cfg.num_classes,
-                                        engine_path=final.get("fp16_engine", final.get("fp32_engine")),
-                                        input_dtype="float16" if (fp16 and fp16_io) else "float32",
-                                        labels=names)
-            report["triton_repo"] = {k: str(v) for k, v in written.items()}
-            click.echo(f"Triton repository: {triton_repo} ({', '.join(written)})", err=True)
+            report["triton_repo"] = {"path": str(triton_repo), "models": []}
+        files = [p.name for p in sidecars] + [p.name for p in staged.values()] + [REPORT]
+        if calibration is not None:
+            files.append(CALIB_CACHE)
         report["sidecars"] = [p.name for p in sidecars]
+        report["files"] = sorted(files)
         report["published"] = True
-        _write_json(out / "report.json", report)
+        _write_json(stage / REPORT, report)
+        # publish: everything or nothing, never cut in half by Ctrl-C or SIGTERM
+        with signals_deferred():
+            removed = publish(stage, out, files, earlier)
+            if triton_repo is not None:
+                src = out / (staged.get("fp16") or staged["fp32"]).name
+                eng = engines.get("fp16", engines.get("fp32"))
+                try:
+                    written = write_triton_repo(triton_repo, model.cfg.name, src, bspec, model.cfg.img_size,
+                                                model.cfg.num_classes, engine_path=out / eng.name if eng else None,
+                                                input_dtype="float16" if (fp16 and fp16_io) else "float32", labels=names)
+                except OSError as exc:
+                    raise click.ClickException(f"the export is published in {out}/, but the Triton repository "
+                                               f"{triton_repo} could not be written: {exc}") from None
+                report["triton_repo"]["models"] = sorted(written)
+                _write_json(out / REPORT, report)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+    if removed:
+        click.echo(f"replaced the earlier export in {out}/: removed its {', '.join(removed)}", err=True)
+    if triton_repo is not None:
+        click.echo(f"Triton repository: {triton_repo} ({', '.join(report['triton_repo']['models'])})", err=True)
     click.echo(summary_table(report), err=False)
     for line in report["gates"]["failed"]:  # only with --no-gates
         click.secho(f"WARNING: gate failed (--no-gates: published anyway): {line}", fg="yellow", err=True)
-    click.echo(f"report: {out / 'report.json'}")
+    click.echo(f"report: {out / REPORT}")
+
+
+REPORT = "report.json"
+CALIB_CACHE = "calibration_cache.json"
+
+
+def earlier_export(out: Path) -> Optional[Dict]:
+    """What an earlier export in ``out`` owns, from its report.json: {"model": name, "files": [names]}.
+    None when ``out`` holds no export. A report.json that is not an export's is an error (the folder is
+    someone else's)."""
+    rp = Path(out) / REPORT
+    if not rp.is_file():
+        return None
+    try:
+        rep = json.loads(rp.read_text())
+        if not isinstance(rep, dict) or "artifacts" not in rep:
+            raise ValueError
+    except (ValueError, OSError):
+        raise click.BadParameter(f"{out} holds a {REPORT} that cvig export did not write; choose another output folder",
+                                 param_hint="-o/--output") from None
+    files = rep.get("files")
+    if files is None:  # reports of earlier versions: the artifacts, the sidecars, the cache
+        files = [Path(a["path"]).name for a in rep["artifacts"].values()] + list(rep.get("sidecars", [])) + [REPORT]
+        if rep.get("artifacts", {}).get("int8") is not None:
+            files.append(CALIB_CACHE)
+    own = sorted({f for f in files if isinstance(f, str) and f and "/" not in f and f not in (".", "..")})
+    return {"model": (rep.get("model") or {}).get("name"), "files": own}
+
+
+def publish(stage: Path, out: Path, files: List[str], earlier: Optional[Dict]) -> List[str]:
+    """Move the staged ``files`` into ``out`` and remove the files the earlier export there owned that
+    this one does not write (its INT8 model, its labels, ...). Files it did not own are never touched."""
+    for name in files:
+        if name != REPORT:
+            os.replace(stage / name, out / name)
+    removed = []
+    for name in (earlier or {}).get("files", []):
+        if name not in files and (out / name).is_file():
+            (out / name).unlink()
+            removed.append(name)
+    os.replace(stage / REPORT, out / REPORT)  # last: report.json appears only with the whole set
+    return removed
 
 
 def parse_capacity(text: Optional[str]):
@@ -425,8 +524,7 @@ def measure_partitions(model, images: torch.Tensor, capacity: Optional[int] = No
     return {"largest_partition": largest[0], "overflow_tokens": overflow}
 
 
-def resolve_capacity(model, capacity, inputs: Dict[str, torch.Tensor], calib_dir: Optional[Path],
-                     calib_samples: int) -> Optional[Dict]:
+def resolve_capacity(model, capacity, inputs: Dict[str, torch.Tensor], calib_files: Optional[List[Path]]) -> Optional[Dict]:
     """Check ``--capacity`` against the model, pick P for ``auto``, and return the report.json entry."""
     n = model.cfg.tokens
     padded = model.cfg.knn_mode == "padded"
@@ -441,10 +539,9 @@ def resolve_capacity(model, capacity, inputs: Dict[str, torch.Tensor], calib_dir
                                    f"(P = N is already exact): give 1..{n} or auto")
         return {"mode": "fixed", "capacity": capacity, "tokens": n} if padded else None
     sets = dict(inputs)  # the validation sets ("photos", "random")
-    if calib_dir is not None:
+    if calib_files:
         try:
-            sets["calibration"] = torch.cat([torch.from_numpy(b) for b in folder_batches(
-                calib_dir, transform_spec(model.cfg), calib_samples, 8, MIN_CALIB_SAMPLES)])
+            sets["calibration"] = torch.cat([torch.from_numpy(b) for b in file_batches(calib_files, transform_spec(model.cfg))])
         except CalibrationDataError as exc:
             raise click.ClickException(str(exc)) from None
     exact = {name: measure_partitions(model, x) for name, x in sets.items()}
@@ -466,15 +563,15 @@ def resolve_capacity(model, capacity, inputs: Dict[str, torch.Tensor], calib_dir
 
 
 def fp16_range_analysis(g32: onnx.ModelProto, inputs: Dict[str, torch.Tensor], islands: List[str],
-                        calib_dir: Optional[Path], spec: Dict, calib_samples: int) -> Dict:
+                        calib_files: Optional[List[Path]], spec: Dict) -> Dict:
     """Range analysis for the FP16 pass (docs/design.md section 5): max |x| of every FP32 tensor on
     the validation images (and the calibration images when --calib-dir is given), and the nodes
     outside the islands that must stay FP32 (:func:`overflow_nodes`)."""
     norm = in_graph_normalization(g32)  # a --normalize-in-graph graph takes RGB in [0, 1]
     batches = {name: [x.numpy()] for name, x in inputs.items()}
-    if calib_dir is not None:
+    if calib_files:
         try:
-            batches["calibration"] = list(folder_batches(calib_dir, spec, calib_samples, 8, 1))
+            batches["calibration"] = list(file_batches(calib_files, spec))
         except CalibrationDataError as exc:
             raise click.ClickException(str(exc)) from None
     feed = [b if norm is None else b * norm[1] + norm[0] for bs in batches.values() for b in bs]

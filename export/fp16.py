@@ -30,6 +30,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 DEFAULT_FP32_ISLANDS = ("norm", "kmeans", "knn")
+# every DEGC piece an island can name (node scopes `.../degc/<piece>/...` of the exported graph)
+ISLAND_PIECES = ("norm", "kmeans", "knn", "centroids", "gat", "local")
 F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
 FP16_MAX = 65504.0
 # 4 binades of headroom: a tensor may reach 16x the largest |value| seen on the few analysed

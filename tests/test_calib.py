@@ -100,12 +100,54 @@ def test_cli_int8_with_cache_and_accuracy_command(tmp_path):
     cache = json.loads((out / "calibration_cache.json").read_text())
     assert cache["key"]["method"] == "entropy" and cache["key"]["samples"] == 20 and cache["ranges"]
     r2 = CliRunner().invoke(export_main, args)
-    assert r2.exit_code == 0 and "(from cache)" in r2.output
+    assert r2.exit_code == 0 and "(from cache" in r2.output
     res = CliRunner().invoke(accuracy_main, [str(out / "model_fp32.onnx"), str(out / "model_int8.onnx"), "--digits",
                                              "--json", str(tmp_path / "acc.json")])
     assert res.exit_code == 0, res.output
     rows = json.loads((tmp_path / "acc.json").read_text())
     assert rows[0]["top1"] >= 0.97 and rows[0]["top1"] - rows[1]["top1"] <= 0.01
+
+
+def test_calibration_cache_follows_the_images_used(tmp_path):
+    """The cache key covers the images actually used (count and contents), not the requested count:
+    new images are calibrated afresh; the same images under other names come from the cache."""
+    import shutil
+
+    from clustervig.calib import file_batches
+    from clustervig.data import Split
+
+    train, _ = digits_split()
+    a = write_image_folder(train, tmp_path / "a", per_class=1)  # 10 images
+    b = write_image_folder(Split(train.images[300:], train.labels[300:], train.raw[300:]), tmp_path / "b", per_class=1)
+    out = tmp_path / "out"
+
+    def export(folder):
+        res = CliRunner().invoke(export_main, ["--checkpoint", str(CKPT), "--int8", "--calib-dir", str(folder),
+                                               "--calib-method", "max", "--no-validate", "--no-engine", "-o", str(out)])
+        assert res.exit_code == 0, res.output
+        return res.output, json.loads((out / "calibration_cache.json").read_text()), json.loads((out / "report.json").read_text())
+
+    out1, c1, rep1 = export(a)
+    assert "holds 10 images, fewer than --calib-samples 64" in out1 and "(from cache" not in out1
+    assert c1["key"]["samples"] == 10 and rep1["calibration"]["images"] == 10 and not rep1["calibration"]["from_cache"]
+    # the same images under other paths (copied, new mtimes): from the cache
+    shutil.copytree(a, tmp_path / "a2")
+    out2, c2, rep2 = export(tmp_path / "a2")
+    assert "(from cache" in out2 and rep2["calibration"]["from_cache"] and c2["ranges"] == c1["ranges"]
+    # other images, same count: calibrated afresh, on those images (computed independently)
+    out3, c3, rep3 = export(b)
+    assert "(from cache" not in out3 and not rep3["calibration"]["from_cache"]
+    g32 = onnx.load(str(out / "model_fp32.onnx"))
+    spec = json.loads((out / "preprocess.json").read_text())
+    assert c3["ranges"] == collect_ranges(g32, file_batches(sorted(b.rglob("*.png")), spec), "max")
+    assert c3["ranges"] != c1["ranges"] and c3["key"]["images"] != c1["key"]["images"]
+    # one changed pixel in one image: calibrated afresh
+    f = sorted(b.rglob("*.png"))[3]
+    px = np.asarray(Image.open(f)).copy()
+    px[0, 0] = 255 - px[0, 0]
+    Image.fromarray(px).save(f)
+    out4, c4, rep4 = export(b)
+    assert "(from cache" not in out4 and not rep4["calibration"]["from_cache"] and c4["key"]["images"] != c3["key"]["images"]
 
 
 def test_calibration_on_photographs_for_cvig_ti(tmp_path):

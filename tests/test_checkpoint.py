@@ -76,7 +76,7 @@ def test_num_classes_mismatch_hint(tmp_path, trained):
     with pytest.raises(CheckpointError) as ei:
         clustervig.create_model("cvig_nano", pretrained=tmp_path / "ck.pth")  # 1000 classes
     assert "shape mismatches" in str(ei.value)
-    assert "pass num_classes=10" in str(ei.value)
+    assert "--num-classes 10 on the command line, num_classes=10 in Python" in str(ei.value)
 
 
 def test_wrong_variant_hint(tmp_path, trained):

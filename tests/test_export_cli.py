@@ -143,11 +143,31 @@ def test_bad_input(tmp_path, args, code, message):
     assert not out.exists() or not any(p.suffix in (".onnx", ".json", ".plan") for p in out.rglob("*"))
 
 
-def test_mismatched_checkpoint_lists_keys(tmp_path, nano_ckpt):
+def test_mismatched_checkpoint_names_the_recorded_variant(tmp_path, nano_ckpt):
+    # a clustervig checkpoint records its variant: the error says so instead of dumping keys
     res = CliRunner().invoke(export_main, ["--model", "cvig_ti", "--checkpoint", str(nano_ckpt), "-o", str(tmp_path / "o")])
     assert res.exit_code == 1
-    assert "missing keys" in res.output and "shape mismatches" in res.output
-    assert "Traceback" not in res.output
+    assert "holds a cvig_nano model (recorded in the file), not cvig_ti" in res.output
+    assert "missing keys" not in res.output and "Traceback" not in res.output and len(res.output) < 600
+    # a plain state_dict records nothing: the keys are listed, the hint comes first and speaks in flags
+    plain = tmp_path / "plain.pth"
+    torch.save(torch.load(nano_ckpt, weights_only=True)["model"], plain)
+    res = CliRunner().invoke(export_main, ["--model", "cvig_ti", "--checkpoint", str(plain), "-o", str(tmp_path / "o")])
+    assert res.exit_code == 1
+    assert "missing keys" in res.output and "shape mismatches" in res.output and "Traceback" not in res.output
+    assert res.output.index("hint:") < res.output.index("missing keys") and len(res.output) < 3000
+    res = CliRunner().invoke(export_main, ["--model", "cvig_nano", "--num-classes", "7", "--checkpoint", str(plain),
+                                           "-o", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "--num-classes 1000 on the command line" in res.output
+
+
+def test_num_classes_contradicting_the_checkpoint_is_an_error(tmp_path):
+    digits = WEIGHTS_DIR / "cvig_digits.pth"
+    res = CliRunner().invoke(export_main, ["--checkpoint", str(digits), "--num-classes", "1000", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "has 10 classes (recorded in the file), not --num-classes 1000" in res.output
+    assert not (tmp_path / "o").exists()
+    res = CliRunner().invoke(export_main, ["--checkpoint", str(digits), "--model", "cvig_ti", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "holds a cvig_digits model" in res.output
 
 
 def test_corrupt_checkpoint(tmp_path):
@@ -161,7 +181,7 @@ def test_unwritable_output_dir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     res = CliRunner().invoke(export_main, ["--model", "cvig_nano", "-o", str(blocker / "out")])
-    assert res.exit_code == 1 and "cannot create output directory" in res.output
+    assert res.exit_code == 2 and "is not a folder" in res.output
 
 
 def test_no_partial_artifacts_when_a_stage_fails(tmp_path, monkeypatch, nano_ckpt):

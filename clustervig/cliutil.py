@@ -1,0 +1,126 @@
+"""What every ``cvig`` command shares: option spellings, output-path checks made before any work,
+atomic file writes, and the signal handling that lets an interrupted command clean up.
+
+Conventions (README, "The cvig command"): the variant is ``--model NAME``, weights are
+``--checkpoint PATH``, exported files are positional arguments, ``--json`` prints JSON to
+stdout, ``-o/--output PATH`` writes a file (or a folder for cvig export), and the TensorRT
+plugin library is ``--plugins-lib PATH``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional
+
+import click
+
+CTX = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
+
+
+def existing_file(path: Path, what: str) -> Path:
+    """``path`` must be a readable file: 'does not exist' and 'is a directory' are told apart."""
+    path = Path(path)
+    if path.is_dir():
+        raise click.ClickException(f"{what} {path} is a directory, not a file (give the file inside it)")
+    if not path.exists():
+        raise click.ClickException(f"{what} {path} does not exist (check the path)")
+    if not os.access(path, os.R_OK):
+        raise click.ClickException(f"{what} {path} is not readable (check its permissions)")
+    return path
+
+
+def check_output_file(path: Optional[Path], option: str) -> Optional[Path]:
+    """Fail now, before any long work, when ``path`` cannot be written as a file."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        raise click.BadParameter(f"{path} is a directory; give a file name, e.g. {path / 'results.json'}",
+                                 param_hint=option)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise click.BadParameter(f"folder {parent} does not exist; create it first or choose another path",
+                                 param_hint=option)
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise click.BadParameter(f"{path} cannot be written (permission denied); choose another path",
+                                 param_hint=option)
+    return path
+
+
+def check_output_dir(path: Optional[Path], option: str) -> Optional[Path]:
+    """Fail now when ``path`` cannot become a writable folder (it is not created here)."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise click.BadParameter(f"{path} exists and is not a folder; choose a folder path", param_hint=option)
+    probe = path.absolute()
+    while not probe.exists():  # the nearest existing ancestor must let us create the rest
+        probe = probe.parent
+    if not probe.is_dir():
+        raise click.BadParameter(f"{path} cannot be created: {probe} is not a folder", param_hint=option)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"{path} cannot be {'written' if probe == path.absolute() else 'created'} "
+                                 f"({probe} is not writable); choose another folder", param_hint=option)
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder: never a partial file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so ``finally`` blocks clean up (exit status 143)."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM raises :class:`Terminated` (a KeyboardInterrupt) instead of killing
+    the process outright, so staging folders are removed on ``kill`` as on Ctrl-C."""
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block is done (a publish step is never cut in half)."""
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    except (AttributeError, ValueError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
