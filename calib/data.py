@@ -6,9 +6,9 @@ from typing import Dict, Iterator, List
 
 import numpy as np
 
-from clustervig.preprocess import ImageError, load_batch
+from clustervig.preprocess import IMAGE_SUFFIXES, ImageError, load_batch
 
-EXTS = {".jpg", ".jpeg", ".png", ".bmp"}
+EXTS = set(IMAGE_SUFFIXES)  # the one accepted set (PNG and JPEG), as load_image and the C++ runtime
 
 
 class CalibrationDataError(ValueError):

@@ -17,15 +17,24 @@ from clustervig.preprocess import load_batch, transform_spec
 CPP = Path(__file__).resolve().parents[1] / "runtime" / "cpp"
 
 
-@pytest.fixture(scope="module")
-def build(tmp_path_factory):
+def build_runtime(tmp_path_factory) -> Path:
+    """Configure and build runtime/cpp once per session, in one folder shared by the test files that need it
+    (tests/test_image_modes.py imports this): later calls find it built."""
     assert shutil.which("cmake"), "cmake is required (CI installs it)"
-    b = tmp_path_factory.mktemp("cpp-build")
+    b = tmp_path_factory.getbasetemp() / "cpp-build"
+    if (b / "built.stamp").is_file():
+        return b
     cfg = subprocess.run(["cmake", "-S", str(CPP), "-B", str(b)], capture_output=True, text=True)
     assert cfg.returncode == 0, cfg.stdout + cfg.stderr
     r = subprocess.run(["cmake", "--build", str(b), "-j2"], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+    (b / "built.stamp").write_text("ok")
     return b
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    return build_runtime(tmp_path_factory)
 
 
 def test_ctest_unit_tests(build):
@@ -91,11 +100,27 @@ def test_cpp_errors_name_the_file(build, tmp_path):
     r = subprocess.run([str(build / "cvig_preprocess"), str(bad), str(tmp_path / "spec.json"), str(tmp_path / "o.bin")],
                        capture_output=True, text=True)
     assert r.returncode == 1 and str(bad) in r.stderr
+    gif = tmp_path / "photo.gif"
+    Image.new("RGB", (16, 16)).save(gif)
+    r = subprocess.run([str(build / "cvig_preprocess"), str(gif), str(tmp_path / "spec.json"), str(tmp_path / "o.bin")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and f"{gif} is a GIF file" in r.stderr and "convert it to PNG or JPEG" in r.stderr
+    # CMYK JPEGs are read (PIL's conversion), as in Python: tests/test_image_modes.py checks the bytes
     cmyk = tmp_path / "cmyk.jpg"
-    Image.new("CMYK", (16, 16)).save(cmyk)
+    Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(cmyk)
     r = subprocess.run([str(build / "cvig_preprocess"), str(cmyk), str(tmp_path / "spec.json"), str(tmp_path / "o.bin")],
                        capture_output=True, text=True)
-    assert r.returncode == 1 and "4 channels" in r.stderr
+    assert r.returncode == 0, r.stderr
+
+
+def test_bad_tensorrt_root_fails_at_configure_time(tmp_path):
+    b = tmp_path / "b"
+    cfg = subprocess.run(["cmake", "-S", str(CPP), "-B", str(b), "-DCVIG_TRT_ROOT=/bad/path"],
+                         capture_output=True, text=True)
+    out = cfg.stdout + cfg.stderr
+    assert cfg.returncode != 0, out
+    assert "CVIG_TRT_ROOT=/bad/path is not a TensorRT root" in out and "/bad/path/include/NvInfer.h" in out, out
+    assert "/usr/src/tensorrt" in out and not (b / "Makefile").exists()
 
 
 TRT_ROOTS = [p for p in os.environ.get("CVIG_TRT_HEADERS", "").split(":") if p]

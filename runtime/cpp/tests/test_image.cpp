@@ -1,4 +1,6 @@
 // Unit tests of the TensorRT-free runtime parts (run by ctest in CI).
+// `test_image --decode IMAGE OUT.ppm` instead writes the decoded 8-bit RGB of IMAGE as a binary PPM (P6), so
+// tests/test_image_modes.py can compare the decoded bytes with Python's load_image exactly.
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -19,7 +21,25 @@ static bool throwsWith(F f, std::string const& needle) {
     return false;
 }
 
-int main() {
+static int decodeToPpm(char const* image, char const* out) {
+    try {
+        cvig::Image img = cvig::loadImage(image);
+        std::ofstream f(out, std::ios::binary);
+        f << "P6\n" << img.width << " " << img.height << "\n255\n";
+        f.write(reinterpret_cast<char const*>(img.rgb.data()), static_cast<std::streamsize>(img.rgb.size()));
+        return f ? 0 : 1;
+    } catch (std::exception const& e) {
+        std::cerr << "error: " << e.what() << "\n";
+        return 1;
+    }
+}
+
+int main(int argc, char** argv) {
+    if (argc == 4 && std::string(argv[1]) == "--decode") return decodeToPpm(argv[2], argv[3]);
+    if (argc != 1) {
+        std::cerr << "usage: test_image [--decode IMAGE OUT.ppm]\n";
+        return 2;
+    }
     // topK: descending, ties to the lower index
     float v[] = {0.5f, 2.0f, 2.0f, -1.0f, 3.0f};
     auto t = cvig::topK(v, 5, 3);
@@ -71,10 +91,24 @@ int main() {
     CHECK(throwsWith([] { cvig::loadImage("cvig_trunc.png"); }, "cvig_trunc.png"));
     {
         std::ofstream("cvig_text.jpg") << "hello";
+        std::ofstream("cvig_anim.png") << "GIF89a\x01\0\x01\0";
+        std::ofstream("cvig_empty.jpg");
+        std::ofstream("cvig_photo.webp", std::ios::binary) << std::string("RIFF\0\0\0\0WEBPVP8 ", 16);
     }
-    CHECK(throwsWith([] { cvig::loadImage("cvig_text.jpg"); }, "neither PNG nor JPEG"));
-    std::remove("cvig_trunc.png");
-    std::remove("cvig_text.jpg");
+    // one accepted set, told by content: other formats are named with the fix
+    CHECK(throwsWith([] { cvig::loadImage("cvig_text.jpg"); }, "not a PNG or JPEG file (unrecognised content: 68 65"));
+    CHECK(throwsWith([] { cvig::loadImage("cvig_text.jpg"); }, "convert it to PNG or JPEG"));
+    CHECK(throwsWith([] { cvig::loadImage("cvig_anim.png"); }, "cvig_anim.png is a GIF file; only PNG and JPEG"));
+    CHECK(throwsWith([] { cvig::loadImage("cvig_photo.webp"); }, "is a WebP file"));
+    CHECK(throwsWith([] { cvig::loadImage("cvig_empty.jpg"); }, "cvig_empty.jpg is empty"));
+    // a JPEG that ends early is an error (libjpeg alone would fill gray and warn)
+    {
+        std::ofstream("cvig_trunc.jpg", std::ios::binary) << std::string("\xff\xd8\xff\xe0\0\x10JFIF\0", 11);
+    }
+    CHECK(throwsWith([] { cvig::loadImage("cvig_trunc.jpg"); }, "cvig_trunc.jpg could not be read (image file is truncated)"));
+    for (char const* f : {"cvig_trunc.png", "cvig_text.jpg", "cvig_anim.png", "cvig_empty.jpg", "cvig_photo.webp",
+                          "cvig_trunc.jpg"})
+        std::remove(f);
 
     if (failures) {
         std::cerr << failures << " check(s) failed\n";

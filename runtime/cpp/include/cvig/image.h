@@ -1,6 +1,7 @@
 // Image decoding (PNG via libpng, JPEG via libjpeg) and the ClusterViG preprocessing
-// (resize shorter side to img_size / crop_pct, center crop, (x/255 - mean) / std, CHW float),
-// matching clustervig.preprocess (PIL) to within one 8-bit level. No TensorRT needed.
+// (resize shorter side to img_size / crop_pct, center crop, (x/255 - mean) / std, CHW float).
+// Decoding gives exactly the bytes of clustervig.preprocess.load_image (PIL's conversion to 8-bit RGB);
+// preprocessing matches PIL to within two 8-bit levels. No TensorRT needed.
 #pragma once
 
 #include <cstdint>
@@ -19,7 +20,13 @@ struct Image {
     std::vector<uint8_t> rgb;
 };
 
-// Reads a PNG or JPEG file as RGB (grayscale expanded, alpha dropped); throws ImageError naming the file.
+// PIL's decompression-bomb limit (2 x PIL.Image.MAX_IMAGE_PIXELS at its default): larger images are refused.
+constexpr unsigned long long kMaxImagePixels = 2ull * (1024ull * 1024 * 1024 / 4 / 3);
+
+// Reads a PNG or JPEG file (told by content, not by name) as 8-bit RGB, exactly as PIL converts it:
+// gray replicated (1/2/4-bit gray scaled x255/x85/x17), 16-bit samples -> high byte, palette -> its colours,
+// alpha and tRNS dropped (not composited), gamma/ICC ignored, CMYK/YCCK JPEG -> PIL's Adobe CMYK formula.
+// Throws ImageError naming the file: other formats (named), truncated or corrupt files, > kMaxImagePixels.
 Image loadImage(std::string const& path);
 
 struct PreprocessSpec {
