@@ -112,7 +112,8 @@ def load_image(path: Union[str, Path]):
 
     path = Path(path)
     if not path.is_file():
-        raise ImageError(f"image {path} does not exist")
+        raise ImageError(f"image {path} is a directory, not an image file" if path.is_dir()
+                         else f"image {path} does not exist")
     try:
         with path.open("rb") as f:
             head = f.read(16)

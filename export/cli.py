@@ -17,7 +17,7 @@ import torch
 import clustervig
 from clustervig.checkpoint import CheckpointError
 from clustervig.checkpoint import build_model as build_checked_model
-from clustervig.cliutil import CTX, check_output_dir, check_output_file, existing_file, signals_deferred, \
+from clustervig.cliutil import CTX, Terminated, check_output_dir, check_output_file, existing_file, signals_deferred, \
     terminate_as_interrupt
 from clustervig.preprocess import sample_photographs, transform_spec
 from clustervig.utils import calibrate_batchnorm
@@ -222,9 +222,14 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
             _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io, islands, int8, calib_dir, calib_files,
                     calib_method, opset, knn, capacity, normalize_in_graph, simplify, plugins, engine, plugins_lib, workspace,
                     tf32, timing_cache, triton_repo, validate, samples, Path(out), gate_overrides, no_gates, earlier)
-    except BaseException:
+    except BaseException as exc:
         if created and Path(out).is_dir() and not any(Path(out).iterdir()):
             Path(out).rmdir()  # a failed first export leaves no empty folder behind
+        if isinstance(exc, KeyboardInterrupt):
+            term = isinstance(exc, Terminated)
+            click.secho(f"{'terminated' if term else 'interrupted'}: nothing was published, {out}/ is as it was",
+                        fg="yellow", err=True)
+            raise SystemExit(143 if term else 130) from None
         raise
 
 

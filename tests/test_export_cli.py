@@ -243,3 +243,82 @@ def test_fp16_export_with_normalization_in_the_graph_validates(tmp_path):
     val = report["validation"]["results"]["photos"]
     assert val["fp32 vs pytorch"]["max_abs_diff"] <= 1e-4  # the graph's own normalisation, fed [0, 1] images
     assert len(val["fp16-emulated vs fp32"]["label_agreement_per_block"]) == 3
+
+
+def _snapshot(folder):
+    """Every entry of ``folder`` (hidden ones included) with the SHA-256 of each file."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def digits_int8_export(tmp_path_factory):
+    """A complete digits export with INT8 (calibration cache) and the user's own file beside it."""
+    from clustervig.data import digits_split, write_image_folder
+
+    root = tmp_path_factory.mktemp("earlier")
+    train, _ = digits_split()
+    calib = write_image_folder(train, root / "calib", per_class=1)
+    out = root / "out"
+    res = CliRunner().invoke(export_main, ["--checkpoint", str(WEIGHTS_DIR / "cvig_digits.pth"), "--int8", "--calib-dir",
+                                           str(calib), "--calib-method", "max", "--no-validate", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    (out / "my_notes.txt").write_text("the user's file\n")
+    return root, out
+
+
+def test_export_replaces_an_earlier_export_as_a_whole(tmp_path, digits_int8_export):
+    _, earlier = digits_int8_export
+    out = tmp_path / "out"
+    shutil.copytree(earlier, out)
+    before = set(p.name for p in out.iterdir())
+    assert {"model_int8.onnx", "model_int8.json", "calibration_cache.json", "labels.txt"} <= before
+    res = CliRunner().invoke(export_main, ["--model", "cvig_nano", "--no-validate", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    now = set(p.name for p in out.iterdir())
+    # exactly the new export's files, plus the user's own file
+    assert now == set(report["files"]) | {"my_notes.txt"}
+    assert not {"model_int8.onnx", "model_int8.json", "calibration_cache.json"} & now
+    assert "removed its calibration_cache.json, model_int8.json, model_int8.onnx" in res.output
+    assert (out / "labels.txt").read_text().splitlines()[0] == "tench"  # the new model's names, not the digits'
+    assert (out / "my_notes.txt").read_text() == "the user's file\n"
+    # a report.json that is not an export's: the folder is someone else's, refused before any work
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "report.json").write_text('{"quarterly": 3}')
+    res = CliRunner().invoke(export_main, ["--model", "cvig_nano", "--no-validate", "-o", str(other)])
+    assert res.exit_code == 2 and "did not write" in res.output and "[1/" not in res.output
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupted_export_leaves_the_folder_as_it_was(tmp_path, digits_int8_export, sig):
+    """Ctrl-C or kill during a re-export (other calibration images, so a new cache would be written):
+    the folder keeps the earlier export byte for byte, and no staging folder is left."""
+    import signal
+
+    from clustervig.data import Split, digits_split, write_image_folder
+
+    root, earlier = digits_int8_export
+    out = tmp_path / "out"
+    shutil.copytree(earlier, out)
+    before = _snapshot(out)
+    train, _ = digits_split()
+    calib2 = write_image_folder(Split(train.images[500:], train.labels[500:], train.raw[500:]), tmp_path / "calib2",
+                                per_class=1)
+    proc = subprocess.Popen([sys.executable, "-m", "clustervig.export.cli", "--checkpoint", str(WEIGHTS_DIR / "cvig_digits.pth"),
+                             "--int8", "--calib-dir", str(calib2), "--calib-method", "max", "-o", str(out)],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    seen = []
+    for line in proc.stderr:  # step 4 (validation) starts after the INT8 calibration finished
+        seen.append(line)
+        if line.startswith("[4/"):
+            assert any(p.name.startswith(".cvig-export-") for p in out.iterdir())  # the staging folder exists now
+            proc.send_signal(getattr(signal, sig))
+            break
+    rest = proc.communicate(timeout=120)[1]
+    assert proc.returncode == (130 if sig == "SIGINT" else 143), "".join(seen) + rest
+    assert "is as it was" in rest
+    assert _snapshot(out) == before

@@ -188,9 +188,10 @@ def test_bad_images(tmp_path, nano, photo_files):
     _, d = nano
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(photo_files[0].read_bytes()[:300])
-    cmyk = tmp_path / "cmyk.jpg"
-    Image.new("CMYK", (64, 64)).save(cmyk)
-    for f, msg in [(tmp_path / "nope.png", "does not exist"), (bad, "could not be read"), (cmyk, "mode CMYK (4 channels)")]:
+    webp = tmp_path / "photo.jpg"  # named like a JPEG, but WebP inside: refused by content, with the fix
+    Image.new("RGB", (64, 64)).save(webp, format="WEBP")
+    for f, msg in [(tmp_path / "nope.png", "does not exist"), (bad, "could not be read"), (webp, "is a WebP file"),
+                   (tmp_path, "is a directory")]:
         res = CliRunner().invoke(run_main, [str(d / "dyn.onnx"), str(f)])
         assert res.exit_code == 1 and msg in res.output and str(f) in res.output, res.output
 

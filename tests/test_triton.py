@@ -8,6 +8,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from clustervig.export.cli import main as export_main
 from clustervig.export.onnx_export import BatchSpec
 from clustervig.export.triton import model_config
+from clustervig.train import WEIGHTS_DIR
 
 
 def parse(text: str) -> mc.ModelConfig:
@@ -53,4 +54,24 @@ def test_cvig_export_writes_repository(tmp_path):
     names = (repo / "cvig_nano_onnx" / "labels.txt").read_text().splitlines()
     assert len(names) == 1000 and names[0] == "tench"
     readme = (repo / "README.md").read_text()
-    assert "tritonserver --model-repository" in readme and "No TensorRT engine was built here" in readme
+    assert "tritonserver --model-repository" in readme and "No TensorRT engine was built for `cvig_nano` here" in readme
+    # a second model in the same repository: both configs stay, the README describes both
+    res = CliRunner().invoke(export_main, ["--checkpoint", str(WEIGHTS_DIR / "cvig_digits.pth"), "--no-validate",
+                                           "--triton-repo", str(repo), "-o", str(tmp_path / "out2")])
+    assert res.exit_code == 0, res.output
+    assert parse((repo / "cvig_nano_onnx" / "config.pbtxt").read_text()).max_batch_size == 16
+    assert list(parse((repo / "cvig_digits_onnx" / "config.pbtxt").read_text()).input[0].dims) == [1, 3, 32, 32]
+    readme = (repo / "README.md").read_text()
+    assert "| `cvig_nano_onnx` | onnxruntime_onnx | [B, 3, 224, 224] float32" in readme
+    assert "| `cvig_digits_onnx` | onnxruntime_onnx | [B, 3, 32, 32] float32" in readme and "[B, 10]" in readme
+    assert not any(p.name.startswith(".") for p in repo.iterdir())  # no staging folders left
+
+
+def test_bad_triton_repo_path_fails_before_any_work(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for bad, message in [(blocker, "exists and is not a folder"), (blocker / "repo", "is not a folder")]:
+        res = CliRunner().invoke(export_main, ["--model", "cvig_nano", "--no-validate", "--triton-repo", str(bad),
+                                               "-o", str(tmp_path / "out")])
+        assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, res.output
+        assert "[1/" not in res.output and not (tmp_path / "out").exists()
