@@ -21,8 +21,11 @@ from polygraphy.common import TensorMetadata
 from polygraphy.comparator import Comparator, SimpleCompareFunc
 
 import clustervig
-from clustervig.checkpoint import CheckpointError, model_from_checkpoint
-from clustervig.preprocess import sample_photographs
+from clustervig.checkpoint import CheckpointError, recorded_config
+from clustervig.checkpoint import build_model as build_checked_model
+from clustervig.cliutil import CTX, existing_file
+from clustervig.preprocess import sample_photographs, transform_spec
+from clustervig.runtime.session import RuntimeErrorWithFix, engine_metadata
 
 from .onnx_export import INPUT, OUTPUT, get_metadata
 from .plugin_graph import PLUGIN_DOMAIN, ort_session
@@ -35,9 +38,12 @@ DEFAULT_RTOL = 1e-4
 class TorchRunner(BaseRunner):
     """The PyTorch static form as a Polygraphy runner."""
 
-    def __init__(self, model: clustervig.ClusterViG, name: Optional[str] = None) -> None:
+    def __init__(self, model: clustervig.ClusterViG, name: Optional[str] = None, normalize=None) -> None:
         super().__init__(name=name, prefix="pytorch-runner")
         self.model = model
+        # artifacts exported with the normalisation in the graph take RGB in [0, 1]: so does this runner
+        self.normalize = None if normalize is None else tuple(
+            torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in normalize)
 
     def activate_impl(self) -> None:
         self.model.eval()
@@ -49,7 +55,10 @@ class TorchRunner(BaseRunner):
     def infer_impl(self, feed_dict):
         start = time.perf_counter()
         with torch.no_grad():
-            out = self.model(torch.from_numpy(np.ascontiguousarray(feed_dict[INPUT], dtype=np.float32)))
+            x = torch.from_numpy(np.ascontiguousarray(feed_dict[INPUT], dtype=np.float32))
+            if self.normalize is not None:
+                x = (x - self.normalize[0]) / self.normalize[1]
+            out = self.model(x)
         self.inference_time = time.perf_counter() - start  # Polygraphy's Comparator sums these
         return OrderedDict([(OUTPUT, out.numpy())])
 
@@ -90,48 +99,121 @@ def trt_runner(path: Path, plugins_lib: Optional[Path] = None) -> BaseRunner:
     return TrtRunner(EngineFromBytes(Path(path).read_bytes()), name=f"tensorrt:{Path(path).name}")
 
 
-def feeds(img_size: int, batch: int, kind: str) -> List[Dict[str, np.ndarray]]:
-    spec = {"img_size": img_size, "crop_pct": 0.9, "interpolation": "bicubic",
-            "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+IMAGENET_SPEC = {"img_size": 224, "crop_pct": 0.9, "interpolation": "bicubic",
+                 "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "normalize_in_graph": False}
+
+
+def feeds(spec: Dict, batch: int, kind: str) -> List[Dict[str, np.ndarray]]:
+    """Up to four batches of the four sample photographs preprocessed by ``spec`` (the preprocessing the
+    artifacts record; with normalize_in_graph, RGB in [0, 1]), or of random tensors."""
+    size = int(spec["img_size"])
     if kind == "photos":
-        x = sample_photographs(spec)
+        pre = dict(spec)
+        if spec.get("normalize_in_graph"):
+            pre.update(mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
+        x = sample_photographs(pre)
     else:
-        x = torch.randn(max(batch, 4), 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(max(batch, 4), 3, size, size, generator=torch.Generator().manual_seed(0))
     reps = -(-batch // len(x))
     x = x.repeat(reps, 1, 1, 1)
     return [{INPUT: x[i : i + batch].numpy()} for i in range(0, len(x) - batch + 1, batch)][:4]
 
 
+def _describe(spec: Optional[Dict], cfg: Dict) -> str:
+    parts = []
+    if cfg.get("name"):
+        parts.append(f"{cfg['name']}, {cfg.get('num_classes', '?')} classes")
+    if spec:
+        parts.append(f"{spec['img_size']} px, mean {list(spec['mean'])}, std {list(spec['std'])}, "
+                     f"{spec.get('interpolation')}, crop {spec.get('crop_pct')}"
+                     + (", normalised in the graph" if spec.get("normalize_in_graph") else ""))
+    return "; ".join(parts) or "nothing recorded"
+
+
+def _same_model_inputs(a: Optional[Dict], b: Optional[Dict]) -> bool:
+    keys = ("img_size", "crop_pct", "interpolation", "mean", "std", "normalize_in_graph")
+    norm = lambda d: {k: (list(d[k]) if isinstance(d.get(k), (list, tuple)) else d.get(k)) for k in keys}  # noqa: E731
+    return norm(a) == norm(b)
+
+
 def run_compare(artifacts: List[Path], model: Optional[clustervig.ClusterViG], atol: float, rtol: float,
                 inputs: str, batch: Optional[int], plugins_lib: Optional[Path] = None) -> bool:
+    """Compare ``artifacts`` (and ``model``, first) on inputs preprocessed as the artifacts record.
+    Artifacts of different models, preprocessing or input sizes, or a model that is not the one the
+    artifacts were exported from, are refused with the difference named."""
+    if len(artifacts) + (model is not None) < 2:
+        raise click.UsageError("need at least two things to compare: several artifacts, or one with --checkpoint")
     runners: List[BaseRunner] = []
-    if model is not None:
-        runners.append(TorchRunner(model, name="pytorch"))
-    img_size, static_batch = None, None
+    recorded = []  # (path, spec or None, config, input size or None)
+    static_batch = None
     for p in artifacts:
         if p.suffix in (".plan", ".engine", ".trt"):
-            runners.append(trt_runner(p, plugins_lib))
-            continue
-        try:
-            g = onnx.load(str(p), load_external_data=False)
-        except Exception as exc:
-            raise click.ClickException(f"{p} is not a readable ONNX file ({type(exc).__name__}); re-export it") from None
-        dims = g.graph.input[0].type.tensor_type.shape.dim
-        img_size = dims[2].dim_value or img_size
-        if dims[0].dim_value:
-            static_batch = dims[0].dim_value
-        runners.append(onnx_runner(p, g))
-    if img_size is None:
-        img_size = model.cfg.img_size if model is not None else 224
+            try:
+                meta = engine_metadata(p)
+            except RuntimeErrorWithFix as exc:
+                raise click.ClickException(str(exc)) from None
+            size = None
+            runner = lambda p=p: trt_runner(p, plugins_lib)  # noqa: E731
+        else:
+            try:
+                g = onnx.load(str(p), load_external_data=False)
+            except Exception as exc:
+                raise click.ClickException(f"{p} is not a readable ONNX file ({type(exc).__name__}); re-export it") from None
+            meta = get_metadata(g)
+            dims = g.graph.input[0].type.tensor_type.shape.dim
+            size = (dims[2].dim_value, dims[3].dim_value) if len(dims) == 4 and dims[2].dim_value else None
+            if dims and dims[0].dim_value:
+                static_batch = dims[0].dim_value
+            runner = lambda p=p, g=g: onnx_runner(p, g)  # noqa: E731
+        spec = json.loads(meta["clustervig.preprocess"]) if "clustervig.preprocess" in meta else None
+        cfg = json.loads(meta.get("clustervig.config", "{}"))
+        recorded.append((p, spec, cfg, size))
+        runners.append(runner)
+    # one model's artifacts only: same input size, same preprocessing, same model
+    ref = next((r for r in recorded if r[1] is not None), None)
+    for p, spec, cfg, size in recorded:
+        first = recorded[0]
+        if size and first[3] and size != first[3]:
+            raise click.ClickException(f"{first[0]} takes {first[3][0]}x{first[3][1]} images and {p} takes "
+                                       f"{size[0]}x{size[1]}: they are exports of different models; compare the "
+                                       "artifacts of one export")
+        if ref is not None and spec is not None and not _same_model_inputs(spec, ref[1]):
+            raise click.ClickException(f"{ref[0]} and {p} record different preprocessing ({_describe(ref[1], ref[2])} vs "
+                                       f"{_describe(spec, cfg)}): their outputs are not comparable on the same inputs; "
+                                       "compare the artifacts of one export")
+        if ref is not None and cfg and ref[2] and (cfg.get("name"), cfg.get("num_classes")) != \
+                (ref[2].get("name"), ref[2].get("num_classes")):
+            raise click.ClickException(f"{ref[0]} is {_describe(None, ref[2])} and {p} is {_describe(None, cfg)}: "
+                                       "compare the artifacts of one export")
+    spec = ref[1] if ref is not None else None
+    if model is not None:
+        mspec = {**transform_spec(model.cfg), "normalize_in_graph": bool(spec and spec.get("normalize_in_graph"))}
+        art_cfg = ref[2] if ref is not None else {}
+        mismatch = (spec is not None and not _same_model_inputs(mspec, spec)) or \
+            (art_cfg and (art_cfg.get("name"), art_cfg.get("num_classes")) != (model.cfg.name, model.cfg.num_classes))
+        sizes = {r[3] for r in recorded if r[3]}
+        if sizes and sizes != {(model.cfg.img_size, model.cfg.img_size)}:
+            mismatch = True
+        if mismatch:
+            raise click.ClickException(
+                f"the checkpoint is {_describe(mspec, {'name': model.cfg.name, 'num_classes': model.cfg.num_classes})}, "
+                f"but {recorded[0][0]} was exported from {_describe(spec, art_cfg)}: give the checkpoint the artifacts "
+                "were exported from")
+        spec = spec or mspec
+        runners.insert(0, lambda: TorchRunner(model, name="pytorch",
+                                              normalize=(spec["mean"], spec["std"]) if spec.get("normalize_in_graph") else None))
+    if spec is None:
+        size = next((r[3] for r in recorded if r[3]), None)
+        spec = {**IMAGENET_SPEC, "img_size": size[0] if size else 224}
+        click.echo(f"note: no artifact records its preprocessing (not exported by cvig export): photographs are "
+                   f"preprocessed the ImageNet way at {spec['img_size']} px", err=True)
     b = batch or static_batch or 1
-    if len(runners) < 2:
-        raise click.UsageError("need at least two things to compare: several artifacts, or one with --checkpoint")
-    results = Comparator.run(runners, data_loader=feeds(img_size, b, inputs))
+    results = Comparator.run([make() for make in runners], data_loader=feeds(spec, b, inputs))
     ok = bool(Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=atol, rtol=rtol)))
     return ok
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True}, epilog="""
+@click.command(context_settings=CTX, epilog="""
 \b
 Examples:
   cvig-compare out/model_fp32.onnx --checkpoint ck.pth          # PyTorch vs ONNX Runtime
@@ -139,17 +221,24 @@ Examples:
   cvig-compare out/model_fp16.plan --checkpoint ck.pth          # needs TensorRT
   cvig-compare out/model_fp32.onnx out/model_plugins.onnx        # plugin graph on the host kernels
   cvig-compare out/model_fp32.onnx out/model_plugins.plan --plugins-lib build/plugins/libcvig_plugins.so
+
+\b
+Inputs are preprocessed as the artifacts record (ONNX metadata, or
+model_<precision>.json / preprocess.json beside an engine). Artifacts of
+different models, input sizes or preprocessing, and a --checkpoint of
+another model, are refused.
 """)
 @click.argument("artifacts", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Add the PyTorch static form (first runner, the reference) from this checkpoint.")
 @click.option("--model", "model_name", type=click.Choice(clustervig.list_models()), default=None,
-              help="Variant for --checkpoint (default: read from the checkpoint or the ONNX metadata).")
-@click.option("--atol", type=float, default=DEFAULT_ATOL)
-@click.option("--rtol", type=float, default=DEFAULT_RTOL)
+              help="Variant for --checkpoint (default: recorded in the checkpoint, else in the ONNX metadata).")
+@click.option("--atol", type=click.FloatRange(min=0), default=DEFAULT_ATOL, help="Absolute tolerance per logit.")
+@click.option("--rtol", type=click.FloatRange(min=0), default=DEFAULT_RTOL, help="Relative tolerance per logit.")
 @click.option("--inputs", type=click.Choice(["photos", "random"]), default="photos",
               help="Real photographs (scikit-image) or random tensors.")
-@click.option("--batch", type=int, default=None, help="Batch size (default: the ONNX input's static batch, else 1).")
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              help="Batch size (default: the ONNX input's static batch, else 1).")
 @click.option("--plugins-lib", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="libcvig_plugins.so, for TensorRT engines of the plugin graph (plugin graphs in ONNX need none: "
                    "they run on the host kernels).")
@@ -158,20 +247,20 @@ def main(artifacts, checkpoint, model_name, atol, rtol, inputs, batch, plugins_l
     Exits non-zero when any pair differs beyond the tolerances."""
     model = None
     if checkpoint is not None:
+        existing_file(checkpoint, "checkpoint")
         try:
-            if model_name is None:
-                try:
-                    model = model_from_checkpoint(checkpoint)
-                except CheckpointError:
-                    meta = get_metadata(onnx.load(str(artifacts[0]), load_external_data=False)) if artifacts[0].suffix == ".onnx" else {}
-                    cfg = json.loads(meta.get("clustervig.config", "{}"))
-                    if not cfg:
-                        raise
-                    model = clustervig.create_model(cfg["name"], pretrained=checkpoint, num_classes=cfg["num_classes"],
-                                                    gcn=cfg["gcn"])
+            if model_name is None and recorded_config(checkpoint) is None:
+                # a plain state_dict: the variant the ONNX metadata records
+                meta = get_metadata(onnx.load(str(artifacts[0]), load_external_data=False)) \
+                    if artifacts[0].suffix == ".onnx" else engine_metadata(artifacts[0])
+                cfg = json.loads(meta.get("clustervig.config", "{}"))
+                if not cfg:
+                    raise click.UsageError(f"checkpoint {checkpoint} records no model and {artifacts[0]} no config: "
+                                           "give --model NAME")
+                model = build_checked_model(cfg["name"], checkpoint, cfg["num_classes"], gcn=cfg["gcn"])
             else:
-                model = clustervig.create_model(model_name, pretrained=checkpoint)
-        except (CheckpointError, ValueError) as exc:
+                model = build_checked_model(model_name, checkpoint)
+        except (CheckpointError, ValueError, RuntimeErrorWithFix) as exc:
             raise click.ClickException(str(exc)) from None
         model.eval()
     ok = run_compare(list(artifacts), model, atol, rtol, inputs, batch, plugins_lib)

@@ -208,12 +208,7 @@ class TrtSession(Session):
         batch = int(engine.get_tensor_shape(self.input_name)[0])
         self.static_batch = batch > 0  # an engine from a static-batch ONNX has no optimization profile
         self.max_batch = batch if self.static_batch else int(engine.get_tensor_profile_shape(self.input_name, 0)[2][0])
-        self.metadata = {}
-        for side in (self.path.with_suffix(".json"), self.path.parent / "preprocess.json"):
-            if side.is_file():  # cvig-export writes model_<precision>.json and preprocess.json beside the engines
-                data = json.loads(side.read_text())
-                self.metadata = data if side.name != "preprocess.json" else {"clustervig.preprocess": json.dumps(data)}
-                break
+        self.metadata = engine_metadata(self.path)
         self._stream = _cuda_check(cudart.cudaStreamCreate(), "cudaStreamCreate")
         self._in, self._out = _PinnedBuffer(), _PinnedBuffer()
         self._graphs: Dict[tuple, object] = {}
@@ -303,6 +298,22 @@ class TrtSession(Session):
             self.close()
         except Exception:
             pass
+
+
+def engine_metadata(path: Path) -> Dict[str, str]:
+    """The ONNX metadata of the graph an engine was built from: ``model_<precision>.json`` beside
+    ``model_<precision>.plan``, else only the preprocessing from ``preprocess.json`` (both written by
+    cvig export), else nothing."""
+    path = Path(path)
+    for side in (path.with_suffix(".json"), path.parent / "preprocess.json"):
+        if side.is_file():
+            try:
+                data = json.loads(side.read_text())
+            except ValueError:
+                raise RuntimeErrorWithFix(f"{side} (the metadata beside {path.name}) is not valid JSON; "
+                                          "copy it again from the export folder") from None
+            return data if side.name != "preprocess.json" else {"clustervig.preprocess": json.dumps(data)}
+    return {}
 
 
 def open_session(path, providers: Optional[Sequence[str]] = None, plugin_library: Optional[Path] = None,

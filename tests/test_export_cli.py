@@ -262,8 +262,8 @@ def digits_int8_export(tmp_path_factory):
     train, _ = digits_split()
     calib = write_image_folder(train, root / "calib", per_class=1)
     out = root / "out"
-    res = CliRunner().invoke(export_main, ["--checkpoint", str(WEIGHTS_DIR / "cvig_digits.pth"), "--int8", "--calib-dir",
-                                           str(calib), "--calib-method", "max", "--no-validate", "-o", str(out)])
+    res = CliRunner().invoke(export_main, ["--checkpoint", str(WEIGHTS_DIR / "cvig_digits.pth"), "--fp16", "--int8",
+                                           "--calib-dir", str(calib), "--calib-method", "max", "--no-validate", "-o", str(out)])
     assert res.exit_code == 0, res.output
     (out / "my_notes.txt").write_text("the user's file\n")
     return root, out
@@ -281,8 +281,9 @@ def test_export_replaces_an_earlier_export_as_a_whole(tmp_path, digits_int8_expo
     now = set(p.name for p in out.iterdir())
     # exactly the new export's files, plus the user's own file
     assert now == set(report["files"]) | {"my_notes.txt"}
-    assert not {"model_int8.onnx", "model_int8.json", "calibration_cache.json"} & now
-    assert "removed its calibration_cache.json, model_int8.json, model_int8.onnx" in res.output
+    assert not {"model_int8.onnx", "model_int8.json", "model_fp16.onnx", "model_fp16.json", "calibration_cache.json"} & now
+    assert "removed its calibration_cache.json, model_fp16.json, model_fp16.onnx, model_int8.json, model_int8.onnx" \
+        in res.output
     assert (out / "labels.txt").read_text().splitlines()[0] == "tench"  # the new model's names, not the digits'
     assert (out / "my_notes.txt").read_text() == "the user's file\n"
     # a report.json that is not an export's: the folder is someone else's, refused before any work
@@ -312,9 +313,9 @@ def test_interrupted_export_leaves_the_folder_as_it_was(tmp_path, digits_int8_ex
                              "--int8", "--calib-dir", str(calib2), "--calib-method", "max", "-o", str(out)],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     seen = []
-    for line in proc.stderr:  # step 4 (validation) starts after the INT8 calibration finished
+    for line in proc.stderr:  # the validation starts after the INT8 calibration finished
         seen.append(line)
-        if line.startswith("[4/"):
+        if "validating against" in line:
             assert any(p.name.startswith(".cvig-export-") for p in out.iterdir())  # the staging folder exists now
             proc.send_signal(getattr(signal, sig))
             break
@@ -322,3 +323,26 @@ def test_interrupted_export_leaves_the_folder_as_it_was(tmp_path, digits_int8_ex
     assert proc.returncode == (130 if sig == "SIGINT" else 143), "".join(seen) + rest
     assert "is as it was" in rest
     assert _snapshot(out) == before
+
+
+def test_compare_uses_the_recorded_preprocessing(digits_int8_export):
+    """The README's FP32-vs-FP16 line on the README's digits export: inputs preprocessed as the digits
+    model records (32 px, mean/std 0.5), not the ImageNet way."""
+    _, out = digits_int8_export
+    res = CliRunner().invoke(compare_main, [str(out / "model_fp32.onnx"), str(out / "model_fp16.onnx"),
+                                            "--atol", "0.05", "--rtol", "0.05"])
+    assert res.exit_code == 0 and "PASSED" in res.output, res.output
+    res = CliRunner().invoke(compare_main, [str(out / "model_fp32.onnx"), "--checkpoint", str(WEIGHTS_DIR / "cvig_digits.pth")])
+    assert res.exit_code == 0 and "PASSED" in res.output, res.output
+
+
+def test_compare_refuses_artifacts_of_different_models(digits_int8_export, exported, nano_ckpt):
+    _, digits = digits_int8_export
+    nano, _ = exported
+    res = CliRunner().invoke(compare_main, [str(digits / "model_fp32.onnx"), str(nano / "model_fp32.onnx")])
+    assert res.exit_code == 1 and "takes 32x32 images" in res.output and "224x224" in res.output, res.output
+    assert "Traceback" not in res.output
+    res = CliRunner().invoke(compare_main, [str(nano / "model_fp32.onnx"), "--checkpoint", str(WEIGHTS_DIR / "cvig_digits.pth")])
+    assert res.exit_code == 1 and "the checkpoint is cvig_digits" in res.output and "cvig_nano" in res.output, res.output
+    res = CliRunner().invoke(compare_main, [str(digits / "model_fp32.onnx"), "--checkpoint", str(nano_ckpt)])
+    assert res.exit_code == 1 and "the checkpoint is cvig_nano" in res.output, res.output
