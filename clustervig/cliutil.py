@@ -45,10 +45,22 @@ def check_output_file(path: Optional[Path], option: str) -> Optional[Path]:
     if not parent.is_dir():
         raise click.BadParameter(f"folder {parent} does not exist; create it first or choose another path",
                                  param_hint=option)
-    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise click.BadParameter(f"{path} cannot be written (permission denied); choose another path",
-                                 param_hint=option)
+    why = _unwritable(parent) or (None if not path.exists() or os.access(path, os.W_OK) else "permission denied")
+    if why:
+        raise click.BadParameter(f"{path} cannot be written ({why}); choose another path", param_hint=option)
     return path
+
+
+def _unwritable(folder: Path) -> Optional[str]:
+    """Why no file can be created in ``folder`` (None when one can): a real probe file, so read-only
+    file systems and permissions count for root too."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".cvig-probe-", dir=folder)
+    except OSError as exc:
+        return (exc.strerror or str(exc)).lower()
+    os.close(fd)
+    os.unlink(probe)
+    return None
 
 
 def check_output_dir(path: Optional[Path], option: str) -> Optional[Path]:
@@ -63,9 +75,10 @@ def check_output_dir(path: Optional[Path], option: str) -> Optional[Path]:
         probe = probe.parent
     if not probe.is_dir():
         raise click.BadParameter(f"{path} cannot be created: {probe} is not a folder", param_hint=option)
-    if not os.access(probe, os.W_OK | os.X_OK):
+    why = _unwritable(probe)
+    if why:
         raise click.BadParameter(f"{path} cannot be {'written' if probe == path.absolute() else 'created'} "
-                                 f"({probe} is not writable); choose another folder", param_hint=option)
+                                 f"({probe}: {why}); choose another folder", param_hint=option)
     return path
 
 

@@ -10,15 +10,17 @@ from typing import List
 import click
 import numpy as np
 
+from clustervig.cliutil import CTX, check_output_file, existing_file, write_json
 from clustervig.preprocess import ImageError
 
 from .classify import class_names, classify_files
 from .session import RuntimeErrorWithFix, open_session
 
-CTX = {"help_option_names": ["-h", "--help"], "show_default": True}
+PLUGINS_LIB_HELP = "libcvig_plugins.so, for TensorRT engines of the plugin graph (plugins/README.md)."
 
 
 def _open(model: Path, provider: str, plugins_lib, cuda_graph: bool = False):
+    existing_file(model, "model")
     if cuda_graph and model.suffix == ".onnx":
         raise click.UsageError("--cuda-graph applies to TensorRT engines (.plan/.engine), not to ONNX files")
     try:
@@ -33,28 +35,37 @@ def _open(model: Path, provider: str, plugins_lib, cuda_graph: bool = False):
 Examples:
   cvig-run out/model_fp32.onnx photo1.jpg photo2.png
   cvig-run out/model_fp16.onnx images/*.jpg --topk 3 --batch 16 --json
+  cvig-run out/model_fp16.onnx images/*.jpg -o results.json
   cvig-run out/model_fp16.plan photo.jpg --plugins-lib build/plugins/libcvig_plugins.so
   cvig-run out/model_fp16.plan photo.jpg --cuda-graph     # preprocess.json / model_fp16.json read from out/
+
+\b
+Images: PNG or JPEG (README, "Accepted images"), preprocessed as recorded at export.
 """)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--topk", type=int, default=5, help="Classes to show per image.")
-@click.option("--batch", type=int, default=8, help="Images per inference call.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (with the full logits) instead of a table.")
+@click.option("--topk", type=click.IntRange(min=1), default=5, help="Classes to show per image.")
+@click.option("--batch", type=click.IntRange(min=1), default=8, help="Images per inference call.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (with the full logits) to stdout instead of a table.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Also write the JSON results to this file.")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Class names, one per line (default: recorded at export, else the ImageNet-1k names for a "
                    "1000-class model, else class_<i>).")
 @click.option("--provider", default="cpu", help="ONNX Runtime provider, e.g. CUDAExecutionProvider.")
-@click.option("--plugins-lib", type=click.Path(path_type=Path), default=None, help="libcvig_plugins.so for engines with plugins.")
+@click.option("--plugins-lib", type=click.Path(path_type=Path), default=None, help=PLUGINS_LIB_HELP)
 @click.option("--cuda-graph", is_flag=True, help="TensorRT: capture each input shape into a CUDA graph and replay it.")
-def run_main(model, images, topk, batch, as_json, labels, provider, plugins_lib, cuda_graph):
-    """Classify IMAGES (JPEG/PNG) with MODEL (.onnx or .plan/.engine), using the preprocessing recorded at export."""
+def run_main(model, images, topk, batch, as_json, output, labels, provider, plugins_lib, cuda_graph):
+    """Classify IMAGES with MODEL (.onnx or .plan/.engine), using the preprocessing recorded at export."""
+    check_output_file(output, "-o/--output")
     with _open(model, provider, plugins_lib, cuda_graph) as sess:
         try:
             names = class_names(sess, labels)
             results = classify_files(sess, list(images), batch=batch, topk=topk, names=names)
         except (ImageError, ValueError, RuntimeErrorWithFix) as exc:
             raise click.ClickException(str(exc)) from None
+    if output is not None:
+        write_json(output, results)
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
@@ -95,35 +106,45 @@ def bench_table(model: Path, rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def parse_batches(ctx, param, text: str) -> List[int]:
+    try:
+        bs = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give comma-separated integers, e.g. 1,8,32") from None
+    if not bs or min(bs) < 1:
+        raise click.BadParameter(f"{text!r}: batch sizes are integers >= 1, e.g. 1,8,32")
+    return bs
+
+
 @click.command(context_settings=CTX, epilog="""
 \b
 Examples:
   cvig-bench out/model_fp32.onnx --batch 1,8,32
-  cvig-bench out/model_fp16.onnx --batch 1,16 --iters 50 --json bench.json
+  cvig-bench out/model_fp16.onnx --batch 1,16 --iters 50 -o bench.json
   cvig-bench out/model_fp16.plan --batch 1,8,32 --cuda-graph
 """)
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--batch", "batches", default="1,8,32", help="Comma-separated batch sizes (Table VI layout).")
-@click.option("--warmup", type=int, default=3)
-@click.option("--iters", type=int, default=10)
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the rows as JSON.")
-@click.option("--provider", default="cpu", help="ONNX Runtime provider.")
-@click.option("--plugins-lib", type=click.Path(path_type=Path), default=None)
+@click.option("--batch", "batches", default="1,8,32", callback=parse_batches,
+              help="Comma-separated batch sizes (Table VI layout).")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, help="Untimed runs per batch size before timing.")
+@click.option("--iters", type=click.IntRange(min=1), default=10, help="Timed runs per batch size (the median is reported).")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON to stdout instead of a table.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Also write the rows as JSON to this file.")
+@click.option("--provider", default="cpu", help="ONNX Runtime provider, e.g. CUDAExecutionProvider.")
+@click.option("--plugins-lib", type=click.Path(path_type=Path), default=None, help=PLUGINS_LIB_HELP)
 @click.option("--cuda-graph", is_flag=True, help="TensorRT: capture each input shape into a CUDA graph and replay it.")
-def bench_main(model, batches, warmup, iters, json_path, provider, plugins_lib, cuda_graph):
+def bench_main(model, batches, warmup, iters, as_json, output, provider, plugins_lib, cuda_graph):
     """Latency percentiles and throughput of MODEL per batch size, like the paper's Table VI."""
-    try:
-        bs = [int(b) for b in batches.split(",")]
-    except ValueError:
-        raise click.UsageError(f"--batch {batches!r}: give comma-separated integers, e.g. 1,8,32") from None
+    check_output_file(output, "-o/--output")
     with _open(model, provider, plugins_lib, cuda_graph) as sess:
-        rows = bench(sess, bs, warmup, iters)
-    skipped = sorted(set(bs) - {r["batch"] for r in rows})
+        rows = bench(sess, batches, warmup, iters)
+    skipped = sorted(set(batches) - {r["batch"] for r in rows})
     if skipped:
         click.echo(f"skipped batch {skipped}: {model.name} has a static batch of {sess.max_batch} "
                    "(export with --dynamic-batch to benchmark several)", err=True)
     if not rows:
         raise click.ClickException(f"{model} has a static batch of {sess.max_batch}: pass --batch {sess.max_batch}")
-    click.echo(bench_table(model, rows))
-    if json_path:
-        json_path.write_text(json.dumps({"model": str(model), "rows": rows}, indent=2) + "\n")
+    result = {"model": str(model), "rows": rows}
+    if output is not None:
+        write_json(output, result)
+    click.echo(json.dumps(result, indent=2) if as_json else bench_table(model, rows))

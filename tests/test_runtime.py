@@ -120,7 +120,7 @@ def test_plugin_graph_runs_in_the_runtime(nano, photo_files, tmp_path):
 def test_bench_table_and_json(nano, tmp_path):
     _, d = nano
     js = tmp_path / "b.json"
-    res = CliRunner().invoke(bench_main, [str(d / "dyn.onnx"), "--batch", "1,2", "--iters", "3", "--warmup", "1", "--json", str(js)])
+    res = CliRunner().invoke(bench_main, [str(d / "dyn.onnx"), "--batch", "1,2", "--iters", "3", "--warmup", "1", "-o", str(js)])
     assert res.exit_code == 0, res.output
     rows = json.loads(js.read_text())["rows"]
     assert [r["batch"] for r in rows] == [1, 2]
@@ -129,6 +129,35 @@ def test_bench_table_and_json(nano, tmp_path):
     assert "p50 ms" in res.output
     res = CliRunner().invoke(bench_main, [str(d / "static2.onnx"), "--batch", "1,2", "--iters", "2", "--warmup", "0"])
     assert res.exit_code == 0 and "skipped batch [1]" in res.output
+    # --json: the same rows on stdout
+    res = CliRunner().invoke(bench_main, [str(d / "dyn.onnx"), "--batch", "2", "--iters", "2", "--json"])
+    assert res.exit_code == 0 and [r["batch"] for r in json.loads(res.stdout)["rows"]] == [2]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--iters", "0"], "0 is not in the range x>=1"),
+    (["--batch", "1,0"], "batch sizes are integers >= 1"),
+    (["-o", "{tmp}/missing/b.json"], "does not exist"),
+    (["-o", "{tmp}"], "is a directory"),
+    (["-o", "/proc/cvig_bench.json"], "cannot be written"),
+])
+def test_bench_bad_options_fail_before_any_work(nano, tmp_path, args, message):
+    _, d = nano
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    res = CliRunner().invoke(bench_main, [str(d / "dyn.onnx"), *args])
+    assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, res.output
+    assert "p50 ms" not in res.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--topk", "0"], "0 is not in the range x>=1"),
+    (["--batch", "0"], "0 is not in the range x>=1"),
+    (["-o", "/proc/cvig_run.json"], "cannot be written"),
+])
+def test_run_bad_options(nano, photo_files, args, message):
+    _, d = nano
+    res = CliRunner().invoke(run_main, [str(d / "dyn.onnx"), str(photo_files[0]), *args])
+    assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, res.output
 
 
 def test_bad_model_files(tmp_path, nano, photo_files):
