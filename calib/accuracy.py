@@ -1,8 +1,5 @@
 """cvig-accuracy: top-1 of several artifacts on labelled images, side by side with their agreement.
 
-    cvig-accuracy out/model_fp32.onnx out/model_fp16.onnx out/model_int8.onnx --digits
-    cvig-accuracy out/*.onnx --folder labelled/ --checkpoint ck.pth --json acc.json
-
 Inputs: the held-out split of scikit-learn's digits (``--digits``) or a folder
 ``DIR/<class index or name>/<image>``. The reference for agreement and cosine
 is the first model given (PyTorch when ``--checkpoint`` is given).
@@ -15,6 +12,8 @@ from typing import Dict, List, Optional, Tuple
 
 import click
 import numpy as np
+
+from clustervig.cliutil import CTX, check_output_file, write_json
 
 
 def labelled_folder(folder: Path, spec: Dict, names: List[str]) -> Tuple[np.ndarray, np.ndarray]:
@@ -56,10 +55,12 @@ def table(rows: List[Dict]) -> str:
     return "\n".join(lines)
 
 
-def run(models: List[Path], checkpoint: Optional[Path], digits: bool, folder: Optional[Path]) -> Tuple[List[Dict], Dict]:
+def run(models: List[Path], checkpoint: Optional[Path], digits: bool, folder: Optional[Path],
+        model_name: Optional[str] = None) -> Tuple[List[Dict], Dict]:
     import torch
 
-    import clustervig
+    from clustervig.checkpoint import build_model
+    from clustervig.preprocess import transform_spec
     from clustervig.runtime import open_session
 
     sessions = [open_session(m) for m in models]
@@ -67,9 +68,17 @@ def run(models: List[Path], checkpoint: Optional[Path], digits: bool, folder: Op
     cfg = sessions[0].config if sessions else None
     model = None
     if checkpoint is not None:
-        model = clustervig.model_from_checkpoint(checkpoint).eval()
-        spec = spec or clustervig.preprocess.transform_spec(model.cfg)
+        model = build_model(model_name, checkpoint).eval()
+        spec = spec or transform_spec(model.cfg)
         cfg = cfg or model.cfg.to_dict()
+    classes = {int(c) for c in [cfg.get("num_classes")] + [s.config.get("num_classes") for s in sessions] if c}
+    if model is not None:
+        classes.add(model.cfg.num_classes)
+    if digits and classes != {10}:
+        raise click.ClickException(f"--digits scores 10 digit classes, and the models have {sorted(classes)} classes: "
+                                   "use --folder DIR/<class>/<image> with labelled images of the model's classes")
+    if len(classes) > 1:
+        raise click.ClickException(f"the models have different class counts {sorted(classes)}: compare one model's artifacts")
     if digits:
         from clustervig.data import digits_split
 
@@ -86,24 +95,39 @@ def run(models: List[Path], checkpoint: Optional[Path], digits: bool, folder: Op
     return evaluate(logits, y), {"spec": spec}
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]}, help=__doc__)
+@click.command(context_settings=CTX, epilog="""
+\b
+Examples:
+  cvig-accuracy out/model_fp32.onnx out/model_fp16.onnx out/model_int8.onnx --digits
+  cvig-accuracy out/*.onnx --folder labelled/ --checkpoint ck.pth -o acc.json
+""")
 @click.argument("models", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Add the PyTorch model (first, the reference).")
-@click.option("--digits", is_flag=True, help="Use the held-out digits split (360 scans).")
+@click.option("--model", "model_name", default=None, metavar="NAME",
+              help="Variant for a --checkpoint that does not record it (a plain state_dict).")
+@click.option("--digits", is_flag=True, help="Use the held-out digits split (360 scans; 10-class models only).")
 @click.option("--folder", type=click.Path(path_type=Path), default=None, help="Labelled folder DIR/<class>/<image>.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
-def main(models, checkpoint, digits, folder, json_path):
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON to stdout instead of a table.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Also write the rows as JSON to this file.")
+def main(models, checkpoint, model_name, digits, folder, as_json, output):
+    """Top-1 of MODELS (.onnx / .plan) on labelled images, with their agreement with the first (PyTorch with
+    --checkpoint). Inputs: the held-out split of scikit-learn's digits (--digits) or a folder
+    DIR/<class index or name>/<image>."""
     if not models and checkpoint is None:
         raise click.UsageError("give ONNX/engine files and/or --checkpoint")
     if digits == (folder is not None):
         raise click.UsageError("choose exactly one of --digits and --folder")
+    check_output_file(output, "-o/--output")
+    from clustervig.checkpoint import CheckpointError
+    from clustervig.runtime.session import RuntimeErrorWithFix
+
     from .data import CalibrationDataError
 
     try:
-        rows, _ = run(list(models), checkpoint, digits, folder)
-    except CalibrationDataError as exc:
+        rows, _ = run(list(models), checkpoint, digits, folder, model_name)
+    except (CalibrationDataError, CheckpointError, RuntimeErrorWithFix) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(table(rows))
-    if json_path:
-        json_path.write_text(json.dumps(rows, indent=2) + "\n")
+    if output is not None:
+        write_json(output, rows)
+    click.echo(json.dumps(rows, indent=2) if as_json else table(rows))

@@ -199,31 +199,58 @@ def format_profile(p: Profile) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    import argparse
+def _click_command():
+    import click
 
+    from .cliutil import CTX
     from .registry import list_models
 
-    ap = argparse.ArgumentParser(
-        prog="cvig-profile",
-        description="Count parameters and GMACs of ClusterViG variants (true and paper-comparable).",
-        epilog="examples:\n  cvig-profile --table3\n  cvig-profile cvig_ti --gcn gin\n  cvig-profile cvig_b_hr --json",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ap.add_argument("model", nargs="?", choices=list_models(), help="variant to profile")
-    ap.add_argument("--gcn", default="mr", choices=["mr", "edge", "sage", "gin"], help="local update (default: mr)")
-    ap.add_argument("--num-classes", type=int, default=1000)
-    ap.add_argument("--table3", action="store_true", help="compare the four paper variants with Table III")
-    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = ap.parse_args(argv)
-    if not args.table3 and not args.model:
-        ap.error("give a model name or --table3")
-    if args.table3:
-        rows = table3(args.gcn)
-        print(json.dumps(rows, indent=2) if args.json else format_table3(rows))
-    else:
-        p = profile(args.model, gcn=args.gcn, num_classes=args.num_classes)
-        print(json.dumps(p.to_dict(), indent=2) if args.json else format_profile(p))
+    @click.command("profile", context_settings=CTX, epilog="""
+\b
+Examples:
+  cvig-profile --table3
+  cvig-profile --model cvig_ti --gcn gin
+  cvig-profile --model cvig_b_hr --json
+""")
+    @click.argument("positional_model", metavar="[MODEL]", required=False, type=click.Choice(list_models()))
+    @click.option("--model", "model_name", type=click.Choice(list_models()), default=None, help="Variant to profile.")
+    @click.option("--gcn", type=click.Choice(["mr", "edge", "sage", "gin"]), default="mr", help="Local update.")
+    @click.option("--num-classes", type=click.IntRange(min=1), default=1000, help="Classifier outputs.")
+    @click.option("--table3", is_flag=True, help="Compare the four paper variants with Table III.")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON to stdout instead of a table.")
+    def command(positional_model, model_name, gcn, num_classes, table3, as_json):
+        """Count parameters and GMACs of ClusterViG variants (true and paper-comparable). Weights are not
+        materialised: any variant profiles in seconds."""
+        if positional_model and model_name and positional_model != model_name:
+            raise click.UsageError(f"two variants given ({positional_model} and --model {model_name}); give one")
+        name = model_name or positional_model
+        if not table3 and not name:
+            raise click.UsageError("give --model NAME or --table3")
+        if table3:
+            rows = table3_rows(gcn)
+            click.echo(json.dumps(rows, indent=2) if as_json else format_table3(rows))
+        else:
+            p = profile(name, gcn=gcn, num_classes=num_classes)
+            click.echo(json.dumps(p.to_dict(), indent=2) if as_json else format_profile(p))
+
+    return command
+
+
+table3_rows = table3  # the option --table3 shadows the function's name inside the command
+command = _click_command()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """cvig-profile (also ``cvig profile``); returns the exit status."""
+    try:
+        command.main(args=argv, prog_name="cvig-profile", standalone_mode=False)
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            raise SystemExit(exc.exit_code) from None
+        raise
     return 0
 
 

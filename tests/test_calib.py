@@ -102,10 +102,17 @@ def test_cli_int8_with_cache_and_accuracy_command(tmp_path):
     r2 = CliRunner().invoke(export_main, args)
     assert r2.exit_code == 0 and "(from cache" in r2.output
     res = CliRunner().invoke(accuracy_main, [str(out / "model_fp32.onnx"), str(out / "model_int8.onnx"), "--digits",
-                                             "--json", str(tmp_path / "acc.json")])
+                                             "-o", str(tmp_path / "acc.json")])
     assert res.exit_code == 0, res.output
     rows = json.loads((tmp_path / "acc.json").read_text())
     assert rows[0]["top1"] >= 0.97 and rows[0]["top1"] - rows[1]["top1"] <= 0.01
+    # refused before any work: an unwritable -o, and --digits on a model that does not have the 10 digit classes
+    res = CliRunner().invoke(accuracy_main, [str(out / "model_fp32.onnx"), "--digits", "-o", "/proc/cvig_acc.json"])
+    assert res.exit_code == 2 and "cannot be written" in res.output
+    nano = tmp_path / "nano.onnx"
+    export_onnx(clustervig.create_model("cvig_nano").eval(), nano, BatchSpec(1, 1, 1))
+    res = CliRunner().invoke(accuracy_main, [str(nano), "--digits"])
+    assert res.exit_code == 1 and "--digits scores 10 digit classes, and the models have [1000] classes" in res.output
 
 
 def test_calibration_cache_follows_the_images_used(tmp_path):
