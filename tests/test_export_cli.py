@@ -133,13 +133,21 @@ def test_random_weights_are_reproducible_by_seed(tmp_path):
         (["--model", "cvig_nano", "--batch", "2", "--dynamic-batch", "1:2:4"], 2, "not both"),
         (["--model", "cvig_nano", "--dynamic-batch", "4:2:1"], 2, "MIN <= OPT <= MAX"),
         ([], 2, "give --model NAME"),
+        (["--model", "cvig_nano", "--fp16", "--fp32-islands", "norm,bogus"], 2, "unknown piece 'bogus'; choose from"),
+        (["--model", "cvig_nano", "--knn", "masked", "--capacity", "3"], 2, "--knn masked has no partition capacity"),
+        (["--model", "cvig_nano", "--capacity", "3"], 2, "uses the masked one with --knn auto; add --knn padded"),
+        (["--model", "cvig_nano", "--checkpoint", "."], 1, "is a directory, not a file"),
+        (["--model", "cvig_nano", "--int8", "--calib-dir", "{tmp}"], 1, "holds no JPEG/PNG images"),
+        (["--model", "cvig_nano", "--timing-cache", "/proc/cvig.cache"], 2, "cannot be written"),
     ],
 )
 def test_bad_input(tmp_path, args, code, message):
     out = tmp_path / "out"
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     res = CliRunner().invoke(export_main, args + ["-o", str(out)])
     assert res.exit_code == code, res.output
-    assert message in res.output
+    assert message in res.output and "Traceback" not in res.output
+    assert "[2/" not in res.output  # refused before the export started
     assert not out.exists() or not any(p.suffix in (".onnx", ".json", ".plan") for p in out.rglob("*"))
 
 
