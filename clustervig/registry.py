@@ -17,8 +17,8 @@ _VARIANTS: Dict[str, ClusterViGConfig] = {
     "cvig_nano": ClusterViGConfig(
         name="cvig_nano", dim=32, depth=3, grid=14, clusters=4, groups=1, head_dim=64, k_min=9, k_max=18
     ),
-    # A real trained model for CPU-sized work (issue: INT8 calibration and measured
-    # accuracy): scikit-learn's 8x8 handwritten digits upsampled to 32x32.
+    # A real trained model for CPU-sized work (INT8 calibration, measured accuracy):
+    # scikit-learn's 8x8 handwritten digits upsampled to 32x32 (PIL bilinear).
     "cvig_digits": ClusterViGConfig(
         name="cvig_digits", dim=64, depth=4, grid=8, img_size=32, clusters=4, groups=1, head_dim=128,
         stem_layers=3, num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0,

@@ -105,7 +105,7 @@ def test_copies_of_safe_values_and_constants_stay_fp16():
 
 @pytest.fixture(scope="module")
 def overflow_ckpt(tmp_path_factory):
-    """The issue's recipe on the small cvig_digits: random weights, random BatchNorm statistics (mean ~
+    """An overflowing model, small: cvig_digits with random weights, random BatchNorm statistics (mean ~
     N(0, 0.1), var ~ U(0.5, 1.5)), and the stem's last BatchNorm scaled by 3000, so that activations grow
     past FP16's range (to 2e7) as cvig_ti's do with the plain recipe (to 7e9)."""
     torch.manual_seed(0)

@@ -38,7 +38,7 @@ def test_paper_comparable_gmacs_within_3_percent(name, rows):
 
 def test_ti_gmacs_matches_printed_precision(rows):
     # 1.260 GMACs: the paper prints one decimal (1.3); relative to the printed
-    # 1.3 that is -3.1%, just outside 3% (recorded in the issue note).
+    # 1.3 that is -3.1%, just outside 3% (README, MACs and parameters).
     g = rows["cvig_ti"]["gmacs_paper"]
     assert round(g, 1) == 1.3
     assert abs(g - 1.3) / 1.3 <= 0.035

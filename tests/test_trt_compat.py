@@ -233,7 +233,7 @@ def test_real_graphs_have_no_findings(real_graphs):
 
 
 def test_padded_graph_has_no_topk_over_n_and_only_float_cumsum(real_graphs):
-    """Issue 12 items 1-2: the padded layout exports without a TopK of K = N and without integer CumSum."""
+    """The padded layout exports without a TopK of K = N (TensorRT caps K at 3840) and without integer CumSum."""
     from clustervig.export.trt_compat import _dims, _infer, _Values
 
     for key in ("padded-fp32", "padded-fp16"):
