@@ -78,13 +78,14 @@ class GATv2(nn.Module):
         self.negative_slope = negative_slope
         nn.init.normal_(self.att, std=out**-0.5)
 
-    def forward(self, z: Tensor, nonempty: Tensor) -> Tensor:
-        """z [B, k, C], nonempty [B, k] bool -> z' [B, k, C'] (static form)."""
+    def forward(self, z: Tensor, nonempty: Optional[Tensor]) -> Tensor:
+        """z [B, k, C], nonempty [B, k] bool (None: every node takes part) -> z' [B, k, C'] (static form)."""
         xl = self.lin_l(z)
         xr = self.lin_r(z)
         pair = F.leaky_relu(xr.unsqueeze(2) + xl.unsqueeze(1), self.negative_slope)  # [B, i, j, C']
         score = torch.matmul(pair, self.att)  # [B, i, j]
-        score = torch.where(nonempty.unsqueeze(1), score, torch.full_like(score, -MASK_VALUE))
+        if nonempty is not None:
+            score = torch.where(nonempty.unsqueeze(1), score, torch.full_like(score, -MASK_VALUE))
         alpha = torch.softmax(score, dim=-1)
         return torch.matmul(alpha, xl) + self.bias
 

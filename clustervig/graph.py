@@ -61,21 +61,44 @@ def kmeans(xn: Tensor, k: int, iters: int) -> Tensor:
     Returns the labels ``[B, N]`` of the assignment after the last update
     (T updates, T+1 assignments). Empty clusters keep their centroid.
     """
-    b, n = xn.shape[:2]
+    return kmeans_with_centroids(xn, k, iters)[0]
+
+
+def kmeans_with_centroids(x: Tensor, k: int, iters: int, empty_keeps: bool = True) -> Tuple[Tensor, Tensor]:
+    """:func:`kmeans` that also returns the centroids ``[B, k, C]`` after the last update.
+
+    The labels are the assignment to exactly these centroids. ``numerics="authors"``
+    feeds the centroids to the global update (the authors' code hands GATv2 its
+    k-means centres); the paper's numerics use only the labels.
+    ``empty_keeps=False``: a cluster with no member gets the zero vector as its
+    centroid (``torch_kmeans``' mean over no member, which the authors' code uses)
+    instead of keeping its previous centroid.
+    """
+    b, n = x.shape[:2]
     if k == 1:  # one partition: nothing to cluster (the ViG baseline)
-        return torch.zeros(b, n, dtype=torch.long, device=xn.device)
-    if xn.is_cuda:  # computed on the device: a host-to-device copy cannot be captured in a CUDA graph
-        idx = (2 * torch.arange(k, device=xn.device) + 1) * n // (2 * k)
+        labels = torch.zeros(b, n, dtype=torch.long, device=x.device)
+        centre = x.mean(dim=1, keepdim=True) if iters > 0 else x[:, n // 2 : n // 2 + 1]
+        return labels, centre
+    if x.is_cuda:  # computed on the device: a host-to-device copy cannot be captured in a CUDA graph
+        idx = (2 * torch.arange(k, device=x.device) + 1) * n // (2 * k)
     else:  # CPU (and every ONNX export): a constant of the graph
-        idx = torch.tensor(kmeans_init_indices(n, k), device=xn.device)
-    centroids = xn.index_select(1, idx)
+        idx = torch.tensor(kmeans_init_indices(n, k), device=x.device)
+    centroids = x.index_select(1, idx)
     for _ in range(iters):
-        labels = kmeans_assign(xn, centroids)
-        onehot = one_hot(labels, k, xn.dtype)  # [B, N, k]
+        labels = kmeans_assign(x, centroids)
+        onehot = one_hot(labels, k, x.dtype)  # [B, N, k]
         counts = onehot.sum(dim=1).unsqueeze(-1)  # [B, k, 1]
-        sums = torch.matmul(onehot.transpose(1, 2), xn)  # [B, k, C]
-        centroids = torch.where(counts > 0, sums / counts.clamp_min(1.0), centroids)
-    return kmeans_assign(xn, centroids)
+        sums = torch.matmul(onehot.transpose(1, 2), x)  # [B, k, C]
+        if empty_keeps:
+            centroids = torch.where(counts > 0, sums / counts.clamp_min(1.0), centroids)
+        else:
+            centroids = sums / counts.clamp_min(1.0)
+    return kmeans_assign(x, centroids), centroids
+
+
+def centre_tokens(x: Tensor) -> Tensor:
+    """X - mean of X over the tokens, per image and channel (``numerics="authors"``)."""
+    return x - x.mean(dim=1, keepdim=True)
 
 
 def segment_mean(x: Tensor, labels: Tensor, k: int) -> Tuple[Tensor, Tensor]:
@@ -289,23 +312,52 @@ def partitions_of(labels_1d: Tensor) -> List[Tensor]:
 
 
 class Normalize(nn.Module):
-    def forward(self, x: Tensor) -> Tensor:
+    """Xn for k-means and k-NN (the ``degc/norm`` scope, an FP32 island).
+
+    ``centre=True`` (``numerics="authors"``): the tokens are first centred,
+    Xc = X - mean over the tokens, and ``forward`` returns ``(Xc, l2(Xc))``:
+    the authors' code centres its features in place, so Xc (not X) feeds that
+    DEGC's k-means, k-NN and local update.
+    """
+
+    def __init__(self, centre: bool = False) -> None:
+        super().__init__()
+        self.centre = centre
+
+    def forward(self, x: Tensor):
+        if self.centre:
+            xc = centre_tokens(x)
+            return xc, l2_normalize(xc)
         return l2_normalize(x)
+
+    def extra_repr(self) -> str:
+        return "centre=True" if self.centre else ""
+
+
+def kmeans_labels(output) -> Tensor:
+    """The labels of a :class:`KMeans` output (``labels``, or ``(labels, centroids)`` with ``centroids=True``)."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 class KMeans(nn.Module):
-    """k-means partitioning (docs/design.md section 2.2). No parameters."""
+    """k-means partitioning (docs/design.md section 2.2). No parameters.
 
-    def __init__(self, clusters: int, iters: int) -> None:
+    ``centroids=True`` (``numerics="authors"``): returns ``(labels, centroids)``.
+    """
+
+    def __init__(self, clusters: int, iters: int, centroids: bool = False) -> None:
         super().__init__()
         self.clusters = clusters
         self.iters = iters
+        self.centroids = centroids
 
-    def forward(self, xn: Tensor) -> Tensor:
+    def forward(self, xn: Tensor):
+        if self.centroids:  # numerics="authors": torch_kmeans' rule for empty clusters too
+            return kmeans_with_centroids(xn, self.clusters, self.iters, empty_keeps=False)
         return kmeans(xn, self.clusters, self.iters)
 
     def extra_repr(self) -> str:
-        return f"clusters={self.clusters}, iters={self.iters}"
+        return f"clusters={self.clusters}, iters={self.iters}" + (", centroids=True" if self.centroids else "")
 
 
 class PartitionedKNN(nn.Module):
@@ -400,6 +452,9 @@ __all__ = [
     "SELF_VALUE",
     "l2_normalize",
     "kmeans",
+    "kmeans_with_centroids",
+    "kmeans_labels",
+    "centre_tokens",
     "kmeans_assign",
     "kmeans_init_indices",
     "one_hot",

@@ -26,6 +26,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FORMS = ("static", "reference")
 KNN_MODES = ("masked", "padded")
+# "paper": DEGC as docs/design.md section 2; "authors": as the authors' public code computes it
+# (docs/design.md, numerics="authors"): tokens centred per DEGC, k-means on the centred tokens
+# without L2 normalisation, GATv2 on the k-means centroids. Needed for checkpoints trained with it.
+NUMERICS = ("paper", "authors")
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class ClusterViGConfig:
     std: Tuple[float, float, float] = IMAGENET_STD
     crop_pct: float = 0.9
     interpolation: str = "bicubic"
+    numerics: str = "paper"
     class_names: Optional[Tuple[str, ...]] = field(default=None, compare=False)
 
     @property
@@ -95,6 +100,8 @@ class ClusterViGConfig:
             raise ValueError(f"clusters must be in 1..{self.tokens}, got {self.clusters}")
         if self.capacity is not None and self.capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {self.capacity}")
+        if self.numerics not in NUMERICS:
+            raise ValueError(f"numerics must be one of {NUMERICS}, got {self.numerics!r}")
         if self.kmeans_iters < 0:
             raise ValueError("kmeans_iters must be >= 0")
 
@@ -154,8 +161,10 @@ class DEGC(nn.Module):
         self.clusters = cfg.clusters
         self.k = k
         self.form = cfg.form
-        self.norm = Normalize()
-        self.kmeans = KMeans(cfg.clusters, cfg.kmeans_iters)
+        self.numerics = cfg.numerics
+        authors = cfg.numerics == "authors"
+        self.norm = Normalize(centre=authors)
+        self.kmeans = KMeans(cfg.clusters, cfg.kmeans_iters, centroids=authors)
         self.knn = PartitionedKNN(k, cfg.clusters, cfg.knn_mode, cfg.capacity)
         self.centroids = SegmentMean(cfg.clusters)
         self.gat = GATv2(c, c) if cfg.global_update else None
@@ -165,16 +174,34 @@ class DEGC(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         t = x.flatten(2).transpose(1, 2)  # [B, N, C]
-        xn = self.norm(t)
+        if self.numerics == "authors":
+            # the centred tokens replace X everywhere in this DEGC; k-means runs on them
+            # (not on Xn), and GATv2 takes its centroids
+            t, xn = self.norm(t)
+            kin = t
+        else:
+            xn = self.norm(t)
+            kin = xn
         if self.kernels and self.form == "static" and not _tracing():
             out = self._forward_kernels(t, xn)
         else:
-            labels = self.kmeans(xn.detach())
-            if self.form == "reference":
-                out = self._forward_reference(t, xn, labels)
+            if self.numerics == "authors":
+                labels, centres = self.kmeans(kin.detach())
             else:
-                out = self._forward_static(t, xn, labels)
+                labels, centres = self.kmeans(kin.detach()), None
+            if self.form == "reference":
+                out = self._forward_reference(t, xn, labels, centres)
+            else:
+                out = self._forward_static(t, xn, labels, centres)
         return out.transpose(1, 2).reshape(b, -1, h, w)
+
+    def _global_update(self, t: Tensor, labels: Tensor, centres: Optional[Tensor]) -> Tensor:
+        """z' [B, k, C] of the partitions: GATv2 over the partition means (paper) or over all k
+        k-means centroids (authors: their complete graph of centres includes empty clusters)."""
+        if centres is not None:
+            return self.gat(centres, None)
+        z, counts = self.centroids(t, labels)
+        return self.gat(z, counts > 0)
 
     def _forward_kernels(self, t: Tensor, xn: Tensor) -> Tensor:
         # The static form with k-means, k-NN and the centroid mean on the plugin
@@ -183,27 +210,34 @@ class DEGC(nn.Module):
         from clustervig.plugins import torch_ops as ops
 
         xd = xn.detach()
-        labels, _ = ops.kmeans(xd, self.clusters, self.kmeans.iters)
+        centres = None
+        if self.numerics == "authors":  # k-means with its centroids (no kernel for them): in PyTorch
+            lab64, centres = self.kmeans(t.detach())
+            labels = lab64.to(torch.int32)
+        else:
+            labels, _ = ops.kmeans(xd, self.clusters, self.kmeans.iters)
         idx, valid = ops.partitioned_knn(xd, labels, min(self.k, xd.shape[1]))
         zt = None
         if self.gat is not None:
-            z, counts = ops.segment_mean(t, labels, self.clusters)
-            zp = self.gat(z, counts > 0)
+            if centres is not None:
+                zp = self.gat(centres, None)
+            else:
+                z, counts = ops.segment_mean(t, labels, self.clusters)
+                zp = self.gat(z, counts > 0)
             zt = torch.gather(zp, 1, labels.long().unsqueeze(-1).expand(-1, -1, zp.shape[-1]))
         return self.local(t, zt, idx=idx.long(), valid=valid.bool())
 
-    def _forward_static(self, t: Tensor, xn: Tensor, labels: Tensor) -> Tensor:
+    def _forward_static(self, t: Tensor, xn: Tensor, labels: Tensor, centres: Optional[Tensor] = None) -> Tensor:
         idx, valid = self.knn(xn, labels)
         zt = None
         if self.gat is not None:
-            z, counts = self.centroids(t, labels)
-            zp = self.gat(z, counts > 0)
+            zp = self._global_update(t, labels, centres)
             # z'_{label(v)}: a row gather (own one-hot-free subgraph, so the centroid
             # scope stays self-contained for the segment-mean plugin)
             zt = torch.gather(zp, 1, labels.unsqueeze(-1).expand(-1, -1, zp.shape[-1]))
         return self.local(t, zt, idx=idx, valid=valid)
 
-    def _forward_reference(self, t: Tensor, xn: Tensor, labels: Tensor) -> Tensor:
+    def _forward_reference(self, t: Tensor, xn: Tensor, labels: Tensor, centres: Optional[Tensor] = None) -> Tensor:
         # Partition-wise graph construction and local update, as Algorithm 2.
         # Centroids and the global update share the static code: k-means is
         # chaotic in its input, so the two forms must hand identical numbers to
@@ -212,8 +246,7 @@ class DEGC(nn.Module):
         parts = knn_reference(xn, labels, self.k)
         zt = None
         if self.gat is not None:
-            z, counts = self.centroids(t, labels)
-            zp = self.gat(z, counts > 0)
+            zp = self._global_update(t, labels, centres)
             zt = torch.zeros_like(t)
             for bi, members, _ in parts:
                 zt[bi, members] = zp[bi, labels[bi, members[0]]]

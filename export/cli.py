@@ -19,6 +19,7 @@ from clustervig.checkpoint import CheckpointError
 from clustervig.checkpoint import build_model as build_checked_model
 from clustervig.cliutil import CTX, Terminated, check_output_dir, check_output_file, existing_file, signals_deferred, \
     terminate_as_interrupt
+from clustervig.graph import kmeans_labels
 from clustervig.preprocess import sample_photographs, transform_spec
 from clustervig.utils import calibrate_batchnorm
 
@@ -512,7 +513,8 @@ def measure_partitions(model, images: torch.Tensor, capacity: Optional[int] = No
     model.set_form("static", capacity=capacity or model.cfg.tokens)
     largest = [0]
 
-    def hook(mod, args, labels):
+    def hook(mod, args, out):
+        labels = kmeans_labels(out)  # numerics="authors": (labels, centroids)
         sizes = (labels.unsqueeze(-1) == torch.arange(mod.clusters, device=labels.device)).sum(1)
         largest[0] = max(largest[0], int(sizes.max()))
 

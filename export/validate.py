@@ -17,6 +17,7 @@ import onnx
 import torch
 from onnx import helper
 
+from clustervig.graph import kmeans_labels
 from clustervig.model import ClusterViG
 
 from .fp16_emulate import emulate_fp16
@@ -152,7 +153,8 @@ def torch_outputs(model: ClusterViG, x: torch.Tensor) -> Dict[str, np.ndarray]:
     hooks = []
     for i, degc in enumerate(model.degc_modules()):
         pre = f"blocks.{i}.grapher.degc"
-        hooks.append(degc.kmeans.register_forward_hook(lambda m, a, o, p=pre: res.__setitem__(f"{p}/labels", o.numpy())))
+        hooks.append(degc.kmeans.register_forward_hook(
+            lambda m, a, o, p=pre: res.__setitem__(f"{p}/labels", kmeans_labels(o).numpy())))
         hooks.append(degc.knn.register_forward_hook(lambda m, a, o, p=pre: res.__setitem__(f"{p}/neighbors", o[0].numpy())))
     try:
         with torch.no_grad():

@@ -188,3 +188,41 @@ def test_edgeconv_per_token_decomposition_equals_per_edge_mlp(groups):
     direct = e.nn(edge.permute(0, 3, 1, 2)).amax(-1).transpose(1, 2)  # MLP on every edge
     with torch.no_grad():
         assert (e.forward_static(x, idx, None, zt) - direct).abs().max() < 1e-12
+
+
+# numerics="authors" (docs/design.md): centred tokens, k-means on them, GATv2 on the k-means centroids
+def _authors_degc(gcn: str, k: int):
+    cfg = get_config("cvig_nano", gcn=gcn, dim=16, clusters=4, groups=1, numerics="authors")
+    torch.manual_seed(0)
+    degc = DEGC(cfg, k)
+    for m in degc.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return degc.eval().double()
+
+
+@pytest.mark.parametrize("gcn", GCNS)
+def test_authors_numerics_forms_equal_uneven_partitions(gcn):
+    degc = _authors_degc(gcn, k=18)
+    a, _ = clustered_tokens([100, 20, 5, 1], c=16, noise=0.05, seed=1, anchor=True)
+    b, _ = clustered_tokens([40, 40, 30, 16], c=16, noise=0.05, seed=2, anchor=True)
+    tokens = torch.stack([a, b])
+    xc, xn = degc.norm(tokens)
+    assert xc.mean(dim=1).abs().max() < 1e-12  # centred per image
+    labels, centres = degc.kmeans(xc)
+    assert centres.shape == (2, 4, 16)
+    assert len(set(tuple(sorted(torch.bincount(l, minlength=4).tolist())) for l in labels)) == 2
+    assert_forms_equal(degc_outputs(degc, tokens))
+
+
+def test_authors_numerics_full_model_forms_equal():
+    x = varied_images(2, 224, seed=11)
+    model = make_model("cvig_nano", gcn="mr", calib_images=x, numerics="authors")
+    out = logits_all_forms(model, x)
+    assert 0.1 < out["reference"].abs().max() < 100
+    for key in ("static-masked", "static-padded"):
+        assert (out[key] - out["reference"]).abs().max().item() <= TOL
+    paper = make_model("cvig_nano", gcn="mr", calib_images=x)
+    with torch.no_grad():  # same weights (same seed), other numerics: other logits
+        assert (paper(x) - out["static-masked"]).abs().max() > 1e-3
