@@ -61,12 +61,15 @@ def test_fractions_never_round_to_100_or_0():
     assert "gates (1 FAILED)" in table
 
 
+EARLIER_REPORT = '{"artifacts": {"fp32": {"path": "model_fp32.onnx"}}, "files": ["model_fp32.onnx", "report.json"]}'
+
+
 @pytest.fixture(scope="module")
 def failing(tmp_path_factory):
     """An impossible FP16 threshold, into a folder that holds an earlier export."""
     out = tmp_path_factory.mktemp("fail")
     (out / "model_fp32.onnx").write_bytes(b"earlier export")
-    (out / "report.json").write_text("{}")
+    (out / "report.json").write_text(EARLIER_REPORT)
     res = CliRunner().invoke(export_main, ["--model", "cvig_digits", "--fp16", "--gate", "fp16.cosine=1", "--samples", "1",
                                            "--no-engine", "-o", str(out)])
     return out, res
@@ -79,7 +82,7 @@ def test_gate_failure_exits_nonzero_and_publishes_nothing(failing):
     assert lines and all(line.startswith("GATE FAILED fp16.cosine: fp16") and "< 1" in line for line in lines)
     assert "nothing published" in res.output
     # the earlier export is untouched; this one's files are kept apart for inspection
-    assert (out / "model_fp32.onnx").read_bytes() == b"earlier export" and (out / "report.json").read_text() == "{}"
+    assert (out / "model_fp32.onnx").read_bytes() == b"earlier export" and (out / "report.json").read_text() == EARLIER_REPORT
     failed = [p for p in out.iterdir() if p.is_dir()]
     assert len(failed) == 1 and failed[0].name.startswith("failed-") and str(failed[0]) in res.output
     assert sorted(p.name for p in failed[0].iterdir()) == ["model_fp16.onnx", "model_fp32.onnx", "report.json"]

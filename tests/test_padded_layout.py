@@ -162,8 +162,8 @@ def test_capacity_auto(tmp_path, calib_folder):
     (["--knn", "padded", "--capacity", "1.5"], "neither an integer capacity nor 'auto'"),
     (["--knn", "padded", "--capacity", "most"], "neither an integer capacity nor 'auto'"),
     (["--knn", "padded", "--capacity", "197"], "above N = 196"),
-    (["--capacity", "auto"], "needs the padded k-NN layout"),  # knn auto is masked for N = 196
-    (["--knn", "masked", "--capacity", "auto"], "needs the padded k-NN layout"),
+    (["--capacity", "auto"], "applies to the padded k-NN layout"),  # knn auto is masked for N = 196
+    (["--knn", "masked", "--capacity", "auto"], "applies to the padded k-NN layout"),
 ])
 def test_capacity_bad_values(tmp_path, args, message):
     res = CliRunner().invoke(export_main, ["--model", "cvig_nano", *args, "--no-engine", "-o", str(tmp_path / "o")])
