@@ -70,6 +70,11 @@ def load_state_dict(model: ClusterViG, sd: Mapping[str, Tensor], source: str = "
     without it (logits = mean of both heads, as the model was trained).
     """
     sd = dict(sd)
+    if any(k.startswith("backbone.") for k in sd) and not any(k.startswith("blocks.") for k in sd):
+        raise CheckpointError(
+            f"{source} has the layout of the authors' ClusterViG code (github dhruvashp/ClusterViG: "
+            "backbone.* keys), which computes DEGC differently: convert it first with "
+            "`cvig convert --from authors SRC -o DST` and use DST (it records its model)")
     has_dist = any(k.startswith("dist_head.") for k in sd)
     if model.dist_head is not None and not has_dist:
         model.remove_distillation_head()

@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from clustervig.cli import COMMANDS, cvig
 
 ENTRY_POINTS = {"export": "cvig-export", "compare": "cvig-compare", "run": "cvig-run", "bench": "cvig-bench",
-                "accuracy": "cvig-accuracy", "profile": "cvig-profile", "train-digits": "cvig-train-digits"}
+                "accuracy": "cvig-accuracy", "profile": "cvig-profile", "train-digits": "cvig-train-digits",
+                "convert": "cvig-convert"}
 
 
 def subcommand(name: str) -> click.Command:
