@@ -68,6 +68,11 @@ def to_plugin_graph(model: onnx.ModelProto, pieces=DEFAULT_PIECES) -> Tuple[onnx
     cfgd = json.loads(meta["clustervig.config"])
     cfg = get_config(cfgd["name"], **{k: (tuple(v) if isinstance(v, list) else v) for k, v in cfgd.items()
                                       if k not in ("name",)})
+    if cfg.numerics == "authors":
+        # numerics="authors": GATv2 reads the k-means centroids, which CvigKMeans does not output
+        # (it returns labels and counts), and there is no segment mean; k-means stays ONNX (in the
+        # FP32 islands by default) and the k-NN and gather-max-rel become plugins
+        pieces = tuple(p for p in pieces if p not in ("kmeans", "centroids"))
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph

@@ -251,3 +251,16 @@ def test_compare_runs_plugin_graphs_on_the_host_kernels(tmp_path):
     assert res.exit_code == 0 and "PASSED" in res.output, res.output
     res = CliRunner().invoke(compare_main, [str(tmp_path / "cvig_nano.onnx"), "--plugins-lib", str(tmp_path / "x.so")])
     assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_authors_numerics_plugin_graph_keeps_kmeans_onnx(tmp_path):
+    # numerics="authors": GATv2 takes the k-means centroids, which the k-means plugin does not output
+    model, photos, g = exported(tmp_path, "cvig_nano", numerics="authors")
+    pg, rep = to_plugin_graph(g)
+    depth = model.cfg.depth
+    assert rep.replaced == {"CvigPartitionedKNN": depth, "CvigGatherMaxRel": depth}
+    assert any(n.name.startswith("blocks.0.grapher.degc/kmeans/ArgMin") for n in pg.graph.node)
+    a, b, blocks = run_both(g, photos.numpy())
+    assert blocks == depth
+    assert_same_graph(a, b, depth)
+    assert np.abs(a[0] - b[0]).max() <= 1e-5
