@@ -51,6 +51,9 @@ def test_converted_fixture_reproduces_the_authors_logits(converted):
         assert_matches_authors(model(x), ref)
         model.set_form("reference")  # the reference form computes the same numerics
         assert_matches_authors(model(x), ref)
+        model.set_form("static").set_kernels(True)  # k-NN and gather-max-rel on the host kernels
+        assert_matches_authors(model(x), ref)
+        model.set_kernels(False)
         # the paper's numerics on the same weights are another function (why numerics is recorded)
         paper = create_model("cvig_ti", **{**{k: cfg[k] for k in ("dim", "depth", "grid", "img_size", "clusters",
                                                                    "groups", "num_classes", "stem_layers")}, "numerics": "paper"})
