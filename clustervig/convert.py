@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from dataclasses import fields
 from pathlib import Path
@@ -334,6 +335,14 @@ def converted_config(structure: Mapping[str, Any], model: Optional[str] = None,
     for k in ("mean", "std", "class_names"):
         if overrides.get(k) is not None:
             overrides[k] = tuple(overrides[k])
+    # the image size is not in the weights: the stem must have room for its stride-2 layers
+    img, grid, n_stem = overrides.get("img_size", base_cfg.img_size), overrides["grid"], structure["stem_layers"]
+    ratio = math.log2(img / grid) if img > 0 and grid > 0 else 0.5
+    if "img_size" not in config and (not ratio.is_integer() or ratio < 1 or ratio + 1 > n_stem):
+        raise ConvertError(
+            f"the image size is not in the weights and img_size {img} does not fit them (grid {grid}, a stem of "
+            f"{n_stem} conv layers: log2(img_size / grid) stride-2 layers + 1 at most); give img_size in --config "
+            f'(e.g. {{"img_size": {grid * 2 ** (n_stem - 1)}}} if every stem layer but the last halves the resolution)')
     try:
         get_config(base, **overrides)
     except ValueError as exc:

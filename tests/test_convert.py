@@ -84,6 +84,10 @@ def test_cli_errors(tmp_path):
     # clusters are not in the weights and an 8x8 grid is none of the authors' variants
     res = run(["--from", "authors", STATE, "-o", out])
     assert res.exit_code != 0 and '{"clusters": 4}' in res.output and not out.exists()
+    # the image size is not in the weights either: 224 is too large for this 4-layer stem and an 8x8 grid
+    (tmp_path / "c.json").write_text('{"clusters": 4}')
+    res = run(["--from", "authors", STATE, "--config", tmp_path / "c.json", "-o", out])
+    assert res.exit_code != 0 and "give img_size in --config" in res.output and '{"img_size": 64}' in res.output
     # a registered variant of another size
     res = run(["--from", "authors", STATE, "--model", "cvig_s", "-o", out])
     assert res.exit_code != 0 and "not a cvig_s" in res.output and "dim=64, depth=2, grid=8" in res.output
