@@ -12,7 +12,9 @@ import clustervig
 from clustervig.graph import kmeans_init_indices
 from clustervig.utils import calibrate_batchnorm
 
-torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+# under pytest-xdist the cores are shared by the workers: one worker's torch must not take them all
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(4, (os.cpu_count() or 1) // _WORKERS)))
 
 
 def make_model(name: str = "cvig_nano", gcn: str = "mr", seed: int = 0, calib_images=None, **kw):
