@@ -354,3 +354,16 @@ def test_compare_refuses_artifacts_of_different_models(digits_int8_export, expor
     assert res.exit_code == 1 and "the checkpoint is cvig_digits" in res.output and "cvig_nano" in res.output, res.output
     res = CliRunner().invoke(compare_main, [str(digits / "model_fp32.onnx"), "--checkpoint", str(nano_ckpt)])
     assert res.exit_code == 1 and "the checkpoint is cvig_nano" in res.output, res.output
+
+
+def test_polygraphy_fp16_lines_from_readme_on_the_digits_export(tmp_path, digits_int8_export):
+    _, out = digits_int8_export
+    poly = shutil.which("polygraphy") or str(__import__("pathlib").Path(sys.executable).parent / "polygraphy")
+    ref = tmp_path / "fp32_outputs.json"
+    common = ["--onnxrt", "--input-shapes", "images:[1,3,32,32]", "--val-range", "images:[-1,1]"]
+    r1 = subprocess.run([poly, "run", str(out / "model_fp32.onnx"), *common, "--save-outputs", str(ref)],
+                        capture_output=True, text=True)
+    assert r1.returncode == 0, r1.stdout + r1.stderr
+    r2 = subprocess.run([poly, "run", str(out / "model_fp16.onnx"), *common, "--load-outputs", str(ref),
+                         "--atol", "0.05", "--rtol", "0.05"], capture_output=True, text=True)
+    assert r2.returncode == 0 and "PASSED" in (r2.stdout + r2.stderr), r2.stdout + r2.stderr
