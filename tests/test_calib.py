@@ -215,3 +215,40 @@ def test_bad_calibration_arrays_and_flags(tmp_path):
         list(array_batches(np.zeros((4, 3, 32, 32), np.float32), {"img_size": 32}, min_samples=8))
     res = CliRunner().invoke(export_main, ["--checkpoint", str(CKPT), "--int8", "-o", str(tmp_path / "o")])
     assert res.exit_code == 2 and "--int8 needs --calib-dir" in res.output
+
+
+def _entropy_amax_loops(hist, edges, levels=128):
+    """The KL threshold search written plainly (a Python loop per bucket): the reference."""
+    best, best_i = np.inf, len(hist)
+    if hist.sum() == 0:
+        return float(edges[-1])
+    for i in range(levels, len(hist) + 1, 16):
+        p = hist[:i].astype(np.float64).copy()
+        p[i - 1] += hist[i:].sum()
+        nz = p > 0
+        q = np.zeros(i, np.float64)
+        for ch in np.array_split(np.arange(i), levels):
+            mass, cnt = hist[ch].sum(), (hist[ch] > 0).sum()
+            if cnt:
+                q[ch] = np.where(hist[ch] > 0, mass / cnt, 0.0)
+        ps, qs = p / p.sum(), q / max(q.sum(), 1e-30)
+        mask = nz & (qs > 0)
+        kl = np.sum(ps[mask] * np.log(ps[mask] / qs[mask])) + np.sum(ps[nz & ~(qs > 0)]) * 30.0
+        if kl < best:
+            best, best_i = kl, i
+    return float(edges[best_i - 1])
+
+
+def test_entropy_threshold_equals_the_plain_search():
+    from clustervig.calib.calibrate import BINS, _entropy_amax
+
+    rng = np.random.default_rng(0)
+    for t in range(24):
+        a = np.abs(rng.standard_normal(20000) * rng.uniform(0.1, 5)) ** rng.uniform(0.5, 2)
+        if t % 3 == 0:
+            a[:5] *= 50  # outliers: the threshold is well below the max
+        hist, edges = np.histogram(a, bins=BINS, range=(0, a.max()))
+        if t % 4 == 0:
+            hist[rng.integers(0, BINS, 300)] = 0  # empty bins inside buckets
+        assert _entropy_amax(hist, edges[1:]) == _entropy_amax_loops(hist, edges[1:])
+    assert _entropy_amax(np.zeros(BINS, np.int64), np.arange(1, BINS + 1.0)) == BINS
