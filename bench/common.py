@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from clustervig.utils import write_json_atomic
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
@@ -99,9 +101,7 @@ def summary(samples: List[float]) -> Dict[str, float]:
 def write_json(name: str, payload: Dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, payload)
     return path
 
 

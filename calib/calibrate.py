@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from clustervig.utils import write_json_atomic
 
 METHODS = ("max", "entropy", "percentile")
 BINS = 2048
@@ -178,9 +179,7 @@ def load_or_collect(model: onnx.ModelProto, batches_fn, method: str, files: Sequ
         ranges = collect_ranges(model, batches_fn(), method)
     dest = write_to if write_to is not None else cache
     if dest is not None:
-        tmp = Path(dest).with_name(f".{Path(dest).name}.tmp")
-        tmp.write_text(json.dumps({"key": key, "ranges": ranges}, indent=1))
-        os.replace(tmp, dest)
+        write_json_atomic(dest, {"key": key, "ranges": ranges}, indent=1)
     return {"ranges": ranges, "cached": cached, "key": key}
 
 

@@ -1,8 +1,6 @@
 """Loading and saving ClusterViG checkpoints, with errors that explain mismatches."""
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
@@ -11,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .model import ClusterViG
+from .utils import atomic_path
 
 PathLike = Union[str, Path]
 _WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "model_ema", "net")
@@ -147,17 +146,8 @@ def save_checkpoint(model: ClusterViG, path: PathLike, **meta: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model": model.state_dict(), "config": model.cfg.to_dict(), **meta}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -9,7 +9,6 @@ plugin library is ``--plugins-lib PATH``.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import tempfile
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import click
+
+from .utils import write_json_atomic
 
 CTX = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
 
@@ -82,24 +83,7 @@ def check_output_dir(path: Optional[Path], option: str) -> Optional[Path]:
     return path
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder: never a partial file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+write_json = write_json_atomic  # the commands' JSON writer (-o/--output, report.json)
 
 
 class Terminated(KeyboardInterrupt):

@@ -21,7 +21,7 @@ from clustervig.cliutil import CTX, Terminated, check_output_dir, check_output_f
     terminate_as_interrupt
 from clustervig.graph import kmeans_labels
 from clustervig.preprocess import sample_photographs, transform_spec
-from clustervig.utils import calibrate_batchnorm
+from clustervig.utils import calibrate_batchnorm, write_json_atomic
 
 from .fp16 import DEFAULT_FP32_ISLANDS, FP16_HEADROOM, ISLAND_PIECES, FP16_SAFE_BOUND, convert_fp16, count_precision, float_tensor_ranges, \
     is_island, overflow_nodes
@@ -254,9 +254,6 @@ def _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io
     t = _step(step, n_steps, f"building {model_name or 'model from checkpoint'}" + (f" from {checkpoint}" if checkpoint else ""))
     torch.manual_seed(seed)
     model = build_model(model_name, checkpoint, num_classes, overrides).eval()
-    if capacity is not None and model.cfg.knn_mode != "padded":
-        raise click.UsageError(f"--capacity {capacity} applies to the padded k-NN layout, and {model.cfg.name} "
-                               f"(N = {model.cfg.tokens} tokens) uses the masked one with --knn {knn}; add --knn padded")
     inputs = validation_inputs(model, bspec, samples)
     if checkpoint is None:
         click.secho("WARNING: no --checkpoint: exporting RANDOM weights (BatchNorm statistics calibrated on sample "
@@ -418,7 +415,7 @@ def _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io
         report["sidecars"] = [p.name for p in sidecars]
         report["files"] = sorted(files)
         report["published"] = True
-        _write_json(stage / REPORT, report)
+        write_json_atomic(stage / REPORT, report)
         # publish: everything or nothing, never cut in half by Ctrl-C or SIGTERM
         with signals_deferred():
             removed = publish(stage, out, files, earlier)
@@ -433,7 +430,7 @@ def _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io
                     raise click.ClickException(f"the export is published in {out}/, but the Triton repository "
                                                f"{triton_repo} could not be written: {exc}") from None
                 report["triton_repo"]["models"] = sorted(written)
-                _write_json(out / REPORT, report)
+                write_json_atomic(out / REPORT, report)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     if removed:
@@ -537,14 +534,14 @@ def resolve_capacity(model, capacity, inputs: Dict[str, torch.Tensor], calib_fil
     padded = model.cfg.knn_mode == "padded"
     if capacity is None:
         return {"mode": "exact", "capacity": n, "tokens": n} if padded else None
-    if capacity == "auto" and not padded:
-        raise click.UsageError(f"--capacity auto needs the padded k-NN layout, and {model.cfg.name} (N = {n} tokens) "
-                               f"uses the masked one (--knn {model.cfg.knn}); add --knn padded")
+    if not padded:
+        raise click.UsageError(f"--capacity {capacity} applies to the padded k-NN layout, and {model.cfg.name} "
+                               f"(N = {n} tokens) uses the masked one with --knn {model.cfg.knn}; add --knn padded")
     if capacity != "auto":
         if capacity > n:
             raise click.UsageError(f"--capacity {capacity} is above N = {n} tokens of {model.cfg.name} "
                                    f"(P = N is already exact): give 1..{n} or auto")
-        return {"mode": "fixed", "capacity": capacity, "tokens": n} if padded else None
+        return {"mode": "fixed", "capacity": capacity, "tokens": n}
     sets = dict(inputs)  # the validation sets ("photos", "random")
     if calib_files:
         try:
@@ -607,7 +604,7 @@ def _keep_failed(stage: Path, out: Path, report: Dict, artifacts: Dict[str, Path
         report["artifacts"]["fp16"]["precision_of_compute_ops"] = precision
     report["published"] = False
     report["failed_dir"] = str(dest)
-    _write_json(stage / "report.json", report)
+    write_json_atomic(stage / "report.json", report)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(stage, 0o777 & ~umask)  # mkdtemp made it 0700; an ordinary folder like its parent
@@ -636,7 +633,7 @@ def write_sidecars(stage: Path, names: Optional[List[str]], metas: Dict[str, Dic
     ``metas``, found by TrtSession next to ``model_<precision>.plan`` however the engine was built)."""
     written = []
     pre = stage / "preprocess.json"
-    _write_json(pre, json.loads(next(iter(metas.values()))["clustervig.preprocess"]))
+    write_json_atomic(pre, json.loads(next(iter(metas.values()))["clustervig.preprocess"]))
     written.append(pre)
     if names:
         labels = stage / "labels.txt"
@@ -644,15 +641,9 @@ def write_sidecars(stage: Path, names: Optional[List[str]], metas: Dict[str, Dic
         written.append(labels)
     for name, meta in metas.items():
         side = stage / f"model_{name}.json"
-        _write_json(side, meta)
+        write_json_atomic(side, meta)
         written.append(side)
     return written
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def summary_table(report: Dict) -> str:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ from torch import nn
 
 from clustervig.model import ClusterViG
 from clustervig.preprocess import transform_spec
+from clustervig.utils import atomic_path
 
 from .naming import rename_graph
 
@@ -74,16 +73,8 @@ class _Normalizing(nn.Module):
 
 def atomic_save(model: onnx.ModelProto, path: Path) -> None:
     """Serialise to a temp file beside ``path`` and rename: no partial artifact on failure."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
 
 
 def check_model(model: onnx.ModelProto) -> onnx.ModelProto:

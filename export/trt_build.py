@@ -7,10 +7,10 @@ it :class:`TensorRTUnavailable` explains how to build elsewhere.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
+
+from clustervig.utils import write_bytes_atomic
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -101,18 +101,7 @@ def build_engine(onnx_path: Path, engine_path: Path, batch, img_size: int, works
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
-    _atomic_write(Path(engine_path), bytes(plan))
+    write_bytes_atomic(Path(engine_path), bytes(plan))
     if timing_cache:
-        _atomic_write(Path(timing_cache), bytes(config.get_timing_cache().serialize()))
+        write_bytes_atomic(Path(timing_cache), bytes(config.get_timing_cache().serialize()))
     return Path(engine_path)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
