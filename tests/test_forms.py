@@ -41,8 +41,8 @@ def test_static_equals_reference_every_variant(name, gcn):
         assert diff <= TOL, f"{name}/{gcn} {key} vs reference: max |dlogits| = {diff:.3g}"
 
 
-def _degc_with_stats(gcn: str, k: int, c: int = 16, clusters: int = 4):
-    cfg = get_config("cvig_nano", gcn=gcn, dim=c, clusters=clusters, groups=1)
+def _degc_with_stats(gcn: str, k: int, c: int = 16, clusters: int = 4, numerics: str = "paper"):
+    cfg = get_config("cvig_nano", gcn=gcn, dim=c, clusters=clusters, groups=1, numerics=numerics)
     torch.manual_seed(0)
     degc = DEGC(cfg, k)
     for m in degc.modules():  # non-trivial BN statistics
@@ -191,20 +191,9 @@ def test_edgeconv_per_token_decomposition_equals_per_edge_mlp(groups):
 
 
 # numerics="authors" (docs/design.md): centred tokens, k-means on them, GATv2 on the k-means centroids
-def _authors_degc(gcn: str, k: int):
-    cfg = get_config("cvig_nano", gcn=gcn, dim=16, clusters=4, groups=1, numerics="authors")
-    torch.manual_seed(0)
-    degc = DEGC(cfg, k)
-    for m in degc.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    return degc.eval().double()
-
-
 @pytest.mark.parametrize("gcn", GCNS)
 def test_authors_numerics_forms_equal_uneven_partitions(gcn):
-    degc = _authors_degc(gcn, k=18)
+    degc = _degc_with_stats(gcn, k=18, numerics="authors")
     a, _ = clustered_tokens([100, 20, 5, 1], c=16, noise=0.05, seed=1, anchor=True)
     b, _ = clustered_tokens([40, 40, 30, 16], c=16, noise=0.05, seed=2, anchor=True)
     tokens = torch.stack([a, b])
