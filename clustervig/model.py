@@ -211,9 +211,8 @@ class DEGC(nn.Module):
 
         xd = xn.detach()
         centres = None
-        if self.numerics == "authors":  # k-means with its centroids (no kernel for them): in PyTorch
-            lab64, centres = self.kmeans(t.detach())
-            labels = lab64.to(torch.int32)
+        if self.numerics == "authors":  # k-means on the centred tokens, with its centroids (empty -> 0)
+            labels, _, centres = ops.kmeans_centroids(t.detach(), self.clusters, self.kmeans.iters, True)
         else:
             labels, _ = ops.kmeans(xd, self.clusters, self.kmeans.iters)
         idx, valid = ops.partitioned_knn(xd, labels, min(self.k, xd.shape[1]))

@@ -21,6 +21,7 @@ from clustervig.registry import get_config
 PLUGIN_DOMAIN = "cvig"  # custom domain: onnx.checker accepts it; TensorRT looks plugins up by op_type
 PIECES = {"kmeans": "CvigKMeans", "knn": "CvigPartitionedKNN", "centroids": "CvigSegmentMean",
           "local/gather_max_rel": "CvigGatherMaxRel"}
+AUTHORS_KMEANS = "CvigKMeansCentroids"  # the k-means piece of numerics="authors" graphs
 
 
 class SurgeryError(RuntimeError):
@@ -68,11 +69,11 @@ def to_plugin_graph(model: onnx.ModelProto, pieces=DEFAULT_PIECES) -> Tuple[onnx
     cfgd = json.loads(meta["clustervig.config"])
     cfg = get_config(cfgd["name"], **{k: (tuple(v) if isinstance(v, list) else v) for k, v in cfgd.items()
                                       if k not in ("name",)})
-    if cfg.numerics == "authors":
-        # numerics="authors": GATv2 reads the k-means centroids, which CvigKMeans does not output
-        # (it returns labels and counts), and there is no segment mean; k-means stays ONNX (in the
-        # FP32 islands by default) and the k-NN and gather-max-rel become plugins
-        pieces = tuple(p for p in pieces if p not in ("kmeans", "centroids"))
+    authors = cfg.numerics == "authors"
+    if authors:
+        # numerics="authors": GATv2 reads the k-means centroids (CvigKMeansCentroids outputs them,
+        # empty clusters as 0); there is no partition mean to replace
+        pieces = tuple(p for p in pieces if p != "centroids")
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
@@ -131,6 +132,21 @@ def to_plugin_graph(model: onnx.ModelProto, pieces=DEFAULT_PIECES) -> Tuple[onnx
                     new.append(helper.make_node("Cast", [idx_in], [idx_i32], name=f"{scope}idx_to_int32", to=TensorProto.INT32))
                 new.append(helper.make_node("CvigGatherMaxRel", [xf[0], idx_i32], [rel[0]], name=f"{scope}CvigGatherMaxRel",
                                             domain=PLUGIN_DOMAIN, **attrs))
+            elif piece == "kmeans" and authors:
+                lab = _pick(ext_out, types, TensorProto.INT64, 2, scope)
+                cent = [t for t in ext_out if types.get(t, (0, 0))[0] in float_ranks and types[t][1] == 3]
+                if len(cent) != 1:
+                    raise SurgeryError(f"{scope}: expected one float centroid output [B,k,C], found {ext_out}")
+                # the plugin writes the centroids in the tokens' type; a cast where the graph wants another
+                x_type, c_type = types[xf[0]][0], types[cent[0]][0]
+                c_out = cent[0] if c_type == x_type else f"{scope}centroids"
+                new.append(helper.make_node("CvigKMeansCentroids", [xf[0]], [f"{scope}labels", f"{scope}counts", c_out],
+                                            name=f"{scope}CvigKMeansCentroids", domain=PLUGIN_DOMAIN,
+                                            clusters=cfg.clusters, iters=cfg.kmeans_iters, empty_zero=1, **attrs))
+                if c_out != cent[0]:
+                    new.append(helper.make_node("Cast", [c_out], [cent[0]], name=f"{scope}centroids_cast", to=c_type))
+                new.append(helper.make_node("Cast", [f"{scope}labels"], [lab], name=f"{scope}labels_to_int64", to=TensorProto.INT64))
+                labels_i32 = f"{scope}labels"
             elif piece == "kmeans":
                 lab = _pick(ext_out, types, TensorProto.INT64, 2, scope)
                 new.append(helper.make_node("CvigKMeans", [xf[0]], [f"{scope}labels", f"{scope}counts"],
@@ -168,7 +184,8 @@ def to_plugin_graph(model: onnx.ModelProto, pieces=DEFAULT_PIECES) -> Tuple[onnx
             pos -= sum(1 for n in g.node[:pos] if id(n) in removed)
             del g.node[:]
             g.node.extend(keep[:pos] + new + keep[pos:])
-            report.replaced[PIECES[piece]] = report.replaced.get(PIECES[piece], 0) + 1
+            op = AUTHORS_KMEANS if piece == "kmeans" and authors else PIECES[piece]
+            report.replaced[op] = report.replaced.get(op, 0) + 1
     if not any(o.domain == PLUGIN_DOMAIN for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid(PLUGIN_DOMAIN, 1))
     _cleanup(out)

@@ -25,7 +25,7 @@ def tensorrt_module():
     return trt
 
 
-PLUGIN_NAMES = ("CvigKMeans", "CvigPartitionedKNN", "CvigSegmentMean", "CvigGatherMaxRel")
+PLUGIN_NAMES = ("CvigKMeans", "CvigKMeansCentroids", "CvigPartitionedKNN", "CvigSegmentMean", "CvigGatherMaxRel")
 
 
 def load_plugin_library(trt, path: Path) -> None:

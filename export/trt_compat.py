@@ -23,7 +23,8 @@ What is checked (sources: onnx-tensorrt ``docs/operators.md`` at ``10.1-GA``,
   and > 0; zero points absent or constant zeros.
 * ScatterElements / ScatterND with a reduction.
 * Plugin nodes (by op_type, in any domain): ``CvigPartitionedKNN`` k in 1..64,
-  ``CvigKMeans`` / ``CvigSegmentMean`` clusters >= 1 (and <= N), iters >= 0,
+  ``CvigKMeans`` / ``CvigKMeansCentroids`` / ``CvigSegmentMean`` clusters >= 1 (and <= N),
+  iters >= 0, ``CvigKMeansCentroids`` empty_zero 0 or 1,
   and the k-means shared-memory working set for the node's N, C, kappa against
   the opt-in limits of the target GPUs (:data:`SMEM_OPTIN_LIMITS`).
 
@@ -404,7 +405,7 @@ def _check_plugin(n: onnx.NodeProto, dims, flag, limits: Dict[str, int]) -> None
         k = _attr(n, "k", 9)  # the creator's default
         if not 1 <= k <= KNN_MAX_K:
             flag(f"k = {k} outside 1..{KNN_MAX_K} (CvigPartitionedKNN keeps at most {KNN_MAX_K} neighbours)")
-    elif op in ("CvigKMeans", "CvigSegmentMean"):
+    elif op in ("CvigKMeans", "CvigKMeansCentroids", "CvigSegmentMean"):
         clusters = _attr(n, "clusters", 4)
         shape = dims.get(n.input[0])
         n_tok = shape[1] if shape is not None and len(shape) == 3 else None
@@ -418,6 +419,8 @@ def _check_plugin(n: onnx.NodeProto, dims, flag, limits: Dict[str, int]) -> None
             return
         if _attr(n, "iters", 20) < 0:
             flag(f"iters = {_attr(n, 'iters', 20)} < 0")
+        if op == "CvigKMeansCentroids" and _attr(n, "empty_zero", 1) not in (0, 1):
+            flag(f"empty_zero = {_attr(n, 'empty_zero', 1)} is not 0 or 1")
         if n_tok is None or c is None:
             return
         need = kmeans_smem_bytes(n_tok, c, clusters)

@@ -9,6 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -151,13 +152,25 @@ def test_export_fp16_and_run_on_a_photo(tmp_path, converted):
     from clustervig.export.cli import main as export_main
     from clustervig.runtime.cli import run_main
 
+    from clustervig.export.plugin_graph import ort_session
+
     out = tmp_path / "out"
-    res = CliRunner().invoke(export_main, ["--checkpoint", str(converted), "--fp16", "--no-engine", "-o", str(out)])
+    res = CliRunner().invoke(export_main, ["--checkpoint", str(converted), "--fp16", "--plugins", "--no-engine",
+                                           "-o", str(out)])
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
     val = report["validation"]["results"]["photos"]
     assert val["fp32 vs pytorch"]["max_abs_diff"] <= 1e-4 and val["fp32 vs pytorch"]["top1_agreement"] == 1.0
     assert report["gates"]["enforced"] is True and report["gates"]["failed"] == []
+    # the plugin graph (k-means with its centroids as CvigKMeansCentroids, on the host kernels)
+    # reproduces the authors' code too
+    assert report["plugins"]["replaced"] == {"CvigKMeansCentroids": 2, "CvigPartitionedKNN": 2, "CvigGatherMaxRel": 2}
+    x, ref = torch.load(FIX / "inputs.pt"), torch.load(FIX / "authors_logits.pt")
+    import onnx
+
+    sess = ort_session(onnx.load(str(out / "model_plugins.onnx")))  # batch 1, the export's default
+    plugin_logits = np.concatenate([sess.run(None, {"images": x[i : i + 1].numpy()})[0] for i in range(len(x))])
+    assert_matches_authors(torch.from_numpy(plugin_logits), ref)
     meta = json.loads((out / "model_fp16.json").read_text())
     assert json.loads(meta["clustervig.config"])["numerics"] == "authors"
     Image.fromarray(data.coffee()).save(tmp_path / "coffee.png")

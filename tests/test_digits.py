@@ -1,7 +1,6 @@
 """The committed digits checkpoint and its training recipe (real data, real accuracy)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch

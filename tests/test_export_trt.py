@@ -75,7 +75,7 @@ def test_plugin_library_load_result_is_checked(tmp_path):
     lib = tmp_path / "libcvig_plugins.so"
     load_plugin_library(_Trt(_Registry(object(), ())), lib)  # loaded
     load_plugin_library(_Trt(_Registry(None, PLUGIN_NAMES)), lib)  # None, but already registered: a second session
-    with pytest.raises(TensorRTUnavailable, match=r"could not load the plugin library .*CvigKMeans, CvigPartitionedKNN"):
+    with pytest.raises(TensorRTUnavailable, match=r"could not load the plugin library .*CvigKMeans, CvigKMeansCentroids, CvigPartitionedKNN"):
         load_plugin_library(_Trt(_Registry(None, ("CvigSegmentMean", "CvigGatherMaxRel"))), lib)
     with pytest.raises(TensorRTUnavailable, match="cannot load the plugin library .*undefined symbol"):
         load_plugin_library(_Trt(_Registry(None, (), raises=RuntimeError("undefined symbol: getCreators"))), lib)

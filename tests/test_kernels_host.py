@@ -7,7 +7,6 @@ indices and valid flags must equal the references exactly; floats within
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import subprocess
@@ -17,7 +16,8 @@ import numpy as np
 import pytest
 
 from clustervig.plugins import kernels as K
-from clustervig.plugins.reference import gather_max_rel_ref, kmeans_ref, partitioned_knn_ref, segment_mean_ref
+from clustervig.plugins.reference import (gather_max_rel_ref, kmeans_centroids_ref, kmeans_ref, partitioned_knn_ref,
+                                          segment_mean_ref)
 
 from conftest import clustered_tokens
 
@@ -125,6 +125,89 @@ def test_kmeans_fp16_inputs(lib):
     ref_l, ref_c = kmeans_ref(x.astype(np.float32), 4, 20)
     np.testing.assert_array_equal(labels, ref_l)
     np.testing.assert_array_equal(counts, ref_c)
+
+
+def centred(b, n, c, seed, scale=1.0):
+    """Tokens minus their mean per image and channel, not normalised (numerics="authors")."""
+    x = np.random.default_rng(seed).standard_normal((b, n, c)) * scale + 0.5
+    return (x - x.mean(axis=1, keepdims=True)).astype(np.float32)
+
+
+def assert_centroids(x, k, iters, empty_zero, lib, atol=1e-5):
+    labels, counts, cent = K.kmeans_centroids(x, k, iters, empty_zero, lib=lib)
+    ref_l, ref_c, ref_z = kmeans_centroids_ref(x.astype(np.float32), k, iters, empty_zero)
+    np.testing.assert_array_equal(labels, ref_l)
+    np.testing.assert_array_equal(counts, ref_c)
+    assert cent.dtype == x.dtype and cent.shape == (x.shape[0], k, x.shape[2])
+    np.testing.assert_allclose(cent.astype(np.float64), ref_z, rtol=0, atol=atol)
+    return labels, counts, cent
+
+
+@pytest.mark.parametrize("b,n,c,k,iters,seed", [
+    (3, 196, 64, 4, 20, 0), (2, 784, 192, 6, 20, 1), (1, 37, 640, 8, 20, 2), (2, 97, 33, 6, 0, 3),
+    (2, 50, 7, 1, 20, 4), (1, 50, 7, 1, 0, 5), (2, 9, 16, 9, 3, 6),  # one cluster (with and without updates); k = N
+])
+@pytest.mark.parametrize("empty_zero", [True, False])
+def test_kmeans_centroids_equal_reference(lib, b, n, c, k, iters, seed, empty_zero):
+    """Labels, counts and the centroids of the last update, on centred un-normalised tokens."""
+    x = centred(b, n, c, seed, scale=3.0)
+    labels, counts, _ = assert_centroids(x, k, iters, empty_zero, lib, atol=2e-5)
+    # the labels and counts of the centroid launcher are those of the plain k-means launcher
+    if not empty_zero:
+        np.testing.assert_array_equal(labels, K.kmeans(x, k, iters, lib=lib)[0])
+
+
+def test_kmeans_centroids_empty_cluster_rules(lib):
+    # two groups of identical tokens, kappa = 5: clusters empty after the first update. With empty_zero
+    # their centroid is the zero vector, which then attracts the tokens nearest to the origin;
+    # keeping the centroid is the paper's rule. Both against the reference, and they differ here.
+    a, b, o = np.array([3.0, 0, 0, 0]), np.array([0, 2.0, 0, 0]), np.array([0.1, 0.1, 0, 0])
+    x = np.stack([(a, b, o)[i % 3] for i in range(40)]).astype(np.float32)[None]
+    lz, cz, zz = assert_centroids(x, 5, 20, True, lib)
+    lk, ck, zk = assert_centroids(x, 5, 20, False, lib)
+    empty = cz[0] == 0
+    assert empty.any() and (zz[0][empty] == 0).all()
+    assert not np.array_equal(lz, lk) or not np.array_equal(zz, zk)
+    # a cluster of identical tokens has exactly that token as its centroid (FP64 sums; numpy's
+    # float32 mean of 13 copies of 0.1 is 0.10000002)
+    for j in np.flatnonzero(~empty):
+        members = x[0][lz[0] == j]
+        assert (members == members[0]).all() and np.array_equal(zz[0, j], members[0])
+
+
+def test_kmeans_centroids_match_the_model(lib):
+    """The kernel computes numerics="authors"' k-means as the PyTorch model does (labels exact)."""
+    import torch
+
+    from clustervig.graph import kmeans_with_centroids
+
+    x = centred(2, 196, 48, 11, scale=2.0)
+    labels, _, cent = K.kmeans_centroids(x, 4, 20, True, lib=lib)
+    ref_l, ref_z = kmeans_with_centroids(torch.from_numpy(x), 4, 20, empty_keeps=False)
+    np.testing.assert_array_equal(labels, ref_l.numpy())
+    np.testing.assert_allclose(cent, ref_z.numpy(), rtol=0, atol=1e-5)
+
+
+def test_kmeans_centroids_fp16(lib):
+    x = centred(2, 196, 64, 12).astype(np.float16)
+    _, _, cent = assert_centroids(x, 4, 20, True, lib, atol=2e-3)  # centroids rounded once to FP16
+    ref_z = kmeans_centroids_ref(x.astype(np.float32), 4, 20, True)[2]
+    np.testing.assert_array_equal(cent, ref_z.astype(np.float32).astype(np.float16))
+
+
+def test_kmeans_centroids_status_codes(lib):
+    f = lib.lib
+    x = centred(1, 16, 8, 0)
+    lab, cnt, cent = np.zeros((1, 16), np.int32), np.zeros((1, 4), np.int32), np.zeros((1, 4, 8), np.float32)
+    p = lambda a: a.ctypes.data  # noqa: E731
+    ok = (p(x), 0, 1, 16, 8, 4, 20)
+    assert f.cvig_kmeans_centroids_launch(*ok, 1, p(lab), p(cnt), p(cent), None) == 0
+    assert f.cvig_kmeans_centroids_launch(*ok, 1, p(lab), p(cnt), None, None) == 1  # no centroid buffer
+    assert f.cvig_kmeans_centroids_launch(*ok, 2, p(lab), p(cnt), p(cent), None) == 1  # empty_zero not a flag
+    assert f.cvig_kmeans_centroids_launch(p(x), 0, 1, 16, 8, 17, 20, 1, p(lab), p(cnt), p(cent), None) == 1  # k > N
+    assert f.cvig_kmeans_centroids_launch(p(x), 0, 1, 100000, 640, 8, 20, 1, p(lab), p(cnt), p(cent), None) == 2
+    with pytest.raises(ValueError, match="clusters must be in 1..N"):
+        K.kmeans_centroids(x, 0, 20, lib=lib)
 
 
 # ----------------------------------------------------------------------------
@@ -363,7 +446,7 @@ def test_cmake_builds_host_library_without_nvcc(cmake_host_build):
     needed = subprocess.run(["readelf", "-d", str(lib)], capture_output=True, text=True).stdout
     assert "NEEDED" in needed and "cuda" not in needed.lower()  # no CUDA runtime linked
     syms = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True).stdout
-    for s in ("cvig_kmeans_launch", "cvig_kmeans_smem_bytes", "cvig_partitioned_knn_launch",
+    for s in ("cvig_kmeans_launch", "cvig_kmeans_centroids_launch", "cvig_kmeans_smem_bytes", "cvig_partitioned_knn_launch",
               "cvig_segment_mean_launch", "cvig_gather_max_rel_launch", "cvig_kernels_backend"):
         assert f" T {s}" in syms, s
 

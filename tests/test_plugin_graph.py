@@ -253,13 +253,26 @@ def test_compare_runs_plugin_graphs_on_the_host_kernels(tmp_path):
     assert res.exit_code == 2 and "does not exist" in res.output
 
 
-def test_authors_numerics_plugin_graph_keeps_kmeans_onnx(tmp_path):
-    # numerics="authors": GATv2 takes the k-means centroids, which the k-means plugin does not output
+def test_authors_numerics_plugin_graph(tmp_path):
+    """numerics="authors": k-means on the centred tokens with its centroids (empty -> 0) becomes
+    CvigKMeansCentroids, whose centroids feed GATv2; labels, neighbours and logits equal the pure graph."""
     model, photos, g = exported(tmp_path, "cvig_nano", numerics="authors")
     pg, rep = to_plugin_graph(g)
+    onnx.checker.check_model(pg, full_check=True)
     depth = model.cfg.depth
-    assert rep.replaced == {"CvigPartitionedKNN": depth, "CvigGatherMaxRel": depth}
-    assert any(n.name.startswith("blocks.0.grapher.degc/kmeans/ArgMin") for n in pg.graph.node)
+    assert rep.replaced == {"CvigKMeansCentroids": depth, "CvigPartitionedKNN": depth, "CvigGatherMaxRel": depth}
+    nodes = {n.name: n for n in pg.graph.node}
+    for i in range(depth):
+        km = nodes[f"blocks.{i}.grapher.degc/kmeans/CvigKMeansCentroids"]
+        a = {x.name: onnx.helper.get_attribute_value(x) for x in km.attribute}
+        assert a == {"clusters": model.cfg.clusters, "iters": 20, "empty_zero": 1, "plugin_version": b"1",
+                     "plugin_namespace": b""}
+        assert km.input[0].startswith(f"blocks.{i}.grapher.degc/norm/")  # the centred tokens
+        assert not any(n.name.startswith(f"blocks.{i}.grapher.degc/kmeans/") and n.op_type in ("ArgMin", "MatMul")
+                       for n in pg.graph.node)
+        # the centroid output is read by GATv2
+        readers = [n.name for n in pg.graph.node if km.output[2] in n.input]
+        assert readers and all(r.startswith(f"blocks.{i}.grapher.degc/gat/") for r in readers), readers
     a, b, blocks = run_both(g, photos.numpy())
     assert blocks == depth
     assert_same_graph(a, b, depth)

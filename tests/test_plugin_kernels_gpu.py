@@ -273,6 +273,31 @@ def test_kmeans_identical_adversarial(gpu, dtype):
     check_counts(labels, counts, 4)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("empty_zero", [True, False])
+def test_kmeans_centroids_identical(gpu, dtype, empty_zero):
+    """numerics="authors"' k-means (centred, un-normalised tokens; centroids out; empty clusters 0 or kept):
+    labels, counts and centroid bits equal the host build's, on both sides of the block-width switch."""
+    def centred(b, n, c, seed, scale):
+        x = torch.randn(b, n, c, generator=torch.Generator().manual_seed(seed)) * scale + 0.5
+        return (x - x.mean(1, keepdim=True)).to(dtype)
+
+    big, _ = _sm_batches(gpu.sms)
+    for b, n, c, k, iters, seed in [(3, 196, 192, 4, 20, 0), (1, 784, 640, 6, 20, 1), (2, 97, 33, 6, 0, 2),
+                                    (2, 50, 16, 1, 20, 3), (big, 64, 48, 4, 20, 4)]:
+        labels, counts, _ = on_both(gpu, "kmeans_centroids", [centred(b, n, c, seed, 3.0)], k, iters, empty_zero,
+                                    names=["labels", "counts", "centroids"])
+        check_counts(labels, counts, k)
+    # clusters that empty out: two distinct tokens and one near the origin, repeated
+    rows = torch.tensor([[3.0, 0, 0, 0], [0, 2.0, 0, 0], [0.1, 0.1, 0, 0]])
+    x = rows[torch.arange(40) % 3].unsqueeze(0).repeat(2, 1, 1).to(dtype)
+    labels, counts, cent = on_both(gpu, "kmeans_centroids", [x], 5, 20, empty_zero,
+                                   names=["labels", "counts", "centroids"])
+    assert (counts == 0).any()
+    if empty_zero:
+        assert (cent[counts == 0] == 0).all()
+
+
 def _sm_batches(sms: int):
     # The k-means launch uses 1024-thread blocks below B = SM count and 256-thread
     # blocks from B = SM count on: images on both sides and at the edge.

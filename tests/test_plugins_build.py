@@ -16,7 +16,7 @@ from clustervig.plugins.reference import gather_max_rel_ref, kmeans_ref, partiti
 from conftest import clustered_tokens
 
 PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
-SYMBOLS = ["cvig_kmeans_launch", "cvig_kmeans_smem_bytes", "cvig_partitioned_knn_launch",
+SYMBOLS = ["cvig_kmeans_launch", "cvig_kmeans_centroids_launch", "cvig_kmeans_smem_bytes", "cvig_partitioned_knn_launch",
            "cvig_segment_mean_launch", "cvig_gather_max_rel_launch"]
 
 
@@ -143,4 +143,4 @@ def test_plugin_harness_on_the_host(tmp_path, root):
     run = subprocess.run([str(tmp_path / "harness"), str(build / "libcvig_plugins.so"),
                           str(build / "libcvig_plugins_autoreg.so"), str(fake)], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "autoreg registered the four creators on dlopen" in run.stdout and "checks passed" in run.stdout
+    assert "autoreg registered the five creators on dlopen" in run.stdout and "checks passed" in run.stdout

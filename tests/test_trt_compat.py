@@ -158,9 +158,10 @@ def test_qdq_scale_and_zero_point():
 
 def plugin_graph(op, n=196, c=32, **attrs):
     x = vi("x", TP.FLOAT, [1, n, c])
-    node = helper.make_node(op, ["x"] + (["lab"] if op != "CvigKMeans" else []), ["o1", "o2"], domain="cvig",
+    kmeans = op.startswith("CvigKMeans")
+    node = helper.make_node(op, ["x"] + (["lab"] if not kmeans else []), ["o1", "o2"], domain="cvig",
                             plugin_version="1", plugin_namespace="", **attrs)
-    inputs = [x] + ([vi("lab", TP.INT32, [1, n])] if op != "CvigKMeans" else [])
+    inputs = [x] + ([vi("lab", TP.INT32, [1, n])] if not kmeans else [])
     return model([node], inputs, [vi("o1", TP.INT32, None), vi("o2", TP.INT32, None)], domains=["cvig"])
 
 
@@ -178,6 +179,13 @@ def test_plugin_kmeans_attributes():
     only(tensorrt_op_issues(plugin_graph("CvigKMeans", clusters=0, iters=20)), "clusters = 0 < 1")
     only(tensorrt_op_issues(plugin_graph("CvigKMeans", n=16, clusters=20, iters=20)), "clusters = 20 > N = 16")
     only(tensorrt_op_issues(plugin_graph("CvigKMeans", clusters=4, iters=-1)), "iters = -1 < 0")
+    # the numerics="authors" variant: the same limits, and empty_zero a flag
+    assert tensorrt_op_issues(plugin_graph("CvigKMeansCentroids", clusters=4, iters=20, empty_zero=1)) == []
+    only(tensorrt_op_issues(plugin_graph("CvigKMeansCentroids", n=16, clusters=20, iters=20)), "clusters = 20 > N = 16")
+    only(tensorrt_op_issues(plugin_graph("CvigKMeansCentroids", clusters=4, iters=20, empty_zero=2)),
+         "empty_zero = 2 is not 0 or 1")
+    huge = plugin_graph("CvigKMeansCentroids", n=16384, c=8192, clusters=6, iters=20)
+    only(tensorrt_op_issues(huge), "exceeds every target's opt-in shared memory")
 
 
 def test_plugin_kmeans_shared_memory():

@@ -4,6 +4,7 @@
 
 namespace cvig {
 nvinfer1::IPluginCreatorV3One* kmeansCreator();
+nvinfer1::IPluginCreatorV3One* kmeansCentroidsCreator();
 nvinfer1::IPluginCreatorV3One* partitionedKnnCreator();
 nvinfer1::IPluginCreatorV3One* segmentMeanCreator();
 nvinfer1::IPluginCreatorV3One* gatherMaxRelCreator();
@@ -18,7 +19,8 @@ __attribute__((visibility("default"))) void setLoggerFinder(nvinfer1::ILoggerFin
 
 __attribute__((visibility("default"))) nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators) {
     static nvinfer1::IPluginCreatorInterface* const creators[] = {
-        cvig::kmeansCreator(), cvig::partitionedKnnCreator(), cvig::segmentMeanCreator(), cvig::gatherMaxRelCreator()};
+        cvig::kmeansCreator(), cvig::kmeansCentroidsCreator(), cvig::partitionedKnnCreator(), cvig::segmentMeanCreator(),
+        cvig::gatherMaxRelCreator()};
     nbCreators = static_cast<int32_t>(sizeof(creators) / sizeof(creators[0]));
     return creators;
 }

@@ -28,6 +28,14 @@ inline int check_kmeans(const void* xn, int dtype, int B, int N, int C, int k, i
     return CVIG_OK;
 }
 
+inline int check_kmeans_centroids(const void* x, int dtype, int B, int N, int C, int k, int iters, int empty_zero,
+                                  const void* labels, const void* counts, const void* centroids) {
+    const int st = check_kmeans(x, dtype, B, N, C, k, iters, labels, counts);
+    if (st != CVIG_OK) return st;
+    if (!centroids || (empty_zero != 0 && empty_zero != 1) || !fits(B, k, C)) return CVIG_INVALID_ARGUMENT;
+    return CVIG_OK;
+}
+
 inline int check_knn(const void* xn, const void* labels, int dtype, int B, int N, int C, int K, const void* idx,
                      const void* valid) {
     if (!xn || !labels || !idx || !valid || B <= 0 || N <= 0 || C <= 0 || K <= 0) return CVIG_INVALID_ARGUMENT;

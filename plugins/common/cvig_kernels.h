@@ -54,6 +54,15 @@ const char* cvig_kernels_backend(void);
 // shared memory of one block.
 int cvig_kmeans_launch(const void* xn, int dtype, int B, int N, int C, int k, int iters,
                        int32_t* labels, int32_t* counts, cudaStream_t stream);
+// k-means as cvig_kmeans_launch on tokens x [B, N, C] (for numerics="authors": centred,
+// not normalised) that also writes the centroids of the last update, [B, k, C]
+// in x's type (FP32 values rounded once); the labels are the assignment to
+// exactly these centroids. empty_zero = 1: a cluster left without members gets
+// the zero vector (a mean over no member, as torch_kmeans computes it), which
+// takes part in the next assignment; 0: it keeps its centroid. empty_zero must
+// be 0 or 1, centroids non-null.
+int cvig_kmeans_centroids_launch(const void* x, int dtype, int B, int N, int C, int k, int iters, int empty_zero,
+                                 int32_t* labels, int32_t* counts, void* centroids, cudaStream_t stream);
 // Dynamic shared memory one k-means block needs (centroids, their norms,
 // counts, offsets, labels and the member order).
 size_t cvig_kmeans_smem_bytes(int N, int C, int k);

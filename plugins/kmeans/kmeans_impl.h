@@ -11,7 +11,10 @@
 // each cluster in increasing index, a stable counting sort), and the centroid
 // update: each channel's sum over the members in token order, in FP64, so the
 // mean of identical tokens is exactly that token and no atomics are needed.
-// An empty cluster keeps its centroid. T updates, T + 1 assignments.
+// An empty cluster keeps its centroid, or, with empty_zero (numerics="authors":
+// the mean over no member that torch_kmeans takes), becomes the zero vector,
+// which then competes in the next assignment. T updates, T + 1 assignments;
+// `cent` ends as the centroids of the last update.
 #ifndef CVIG_KMEANS_IMPL_H
 #define CVIG_KMEANS_IMPL_H
 
@@ -22,8 +25,9 @@ namespace cvig {
 
 template <typename T>
 struct KMeansImage {
-    const T* x;  // [N, C] normalised tokens of one image
+    const T* x;  // [N, C] tokens of one image (normalised, or centred for numerics="authors")
     int N, C, k;
+    int empty_zero;  // 1: an empty cluster's centroid becomes 0; 0: it keeps its centroid
     float* cent;   // [k, C]
     float* cnorm;  // [k]
     int* cnt;      // [k] members per cluster
@@ -34,12 +38,13 @@ struct KMeansImage {
 
 // Carve the working set (kmeans_smem_bytes(N, C, k) bytes at `ws`) into the image's arrays.
 template <typename T>
-CVIG_HD KMeansImage<T> kmeans_image(const T* x, int N, int C, int k, void* ws) {
+CVIG_HD KMeansImage<T> kmeans_image(const T* x, int N, int C, int k, void* ws, int empty_zero = 0) {
     KMeansImage<T> s;
     s.x = x;
     s.N = N;
     s.C = C;
     s.k = k;
+    s.empty_zero = empty_zero;
     s.cent = static_cast<float*>(ws);
     s.cnorm = s.cent + static_cast<size_t>(k) * C;
     s.cnt = reinterpret_cast<int*>(s.cnorm + k);
@@ -47,6 +52,12 @@ CVIG_HD KMeansImage<T> kmeans_image(const T* x, int N, int C, int k, void* ws) {
     s.lab = s.start + k;
     s.order = s.lab + N;
     return s;
+}
+
+// item i of [0, k*C): centroid element i, rounded to T, into out [k, C]
+template <typename T>
+CVIG_HD void km_store_centroid(const KMeansImage<T>& s, T* out, int i) {
+    store(out, static_cast<size_t>(i), s.cent[i]);
 }
 
 // item i of [0, k*C): initial centroid j = token (2j+1)N // (2k)
@@ -114,7 +125,7 @@ CVIG_HD void km_members(const KMeansImage<T>& s, int j, int lane) {
 }
 
 // item i of [0, ceil(C / W)): channels [W*i, W*i + W) of every non-empty centroid = FP64 mean of its
-// members, each channel summed in token order. The GPU takes W = 1 (a thread per channel, coalesced
+// members, each channel summed in token order (of an empty one: kept, or 0 with empty_zero). The GPU takes W = 1 (a thread per channel, coalesced
 // across threads); the host W = 32 (32 independent sums per pass over a member's row, which the
 // compiler vectorises). Either way each channel's sum is the same sequence of additions.
 template <int W, typename T>
@@ -123,7 +134,12 @@ CVIG_HD void km_update(const KMeansImage<T>& s, int i) {
     const int m = s.C - c0 < W ? s.C - c0 : W;
     for (int j = 0; j < s.k; ++j) {
         const int n = s.cnt[j];
-        if (n == 0) continue;  // an empty cluster keeps its centroid
+        if (n == 0) {  // an empty cluster keeps its centroid, or becomes 0
+            if (s.empty_zero) {
+                for (int l = 0; l < m; ++l) s.cent[static_cast<size_t>(j) * s.C + c0 + l] = 0.f;
+            }
+            continue;
+        }
         const int* members = s.order + s.start[j];
         float* cent = s.cent + static_cast<size_t>(j) * s.C + c0;
         if constexpr (W == 1) {  // a scalar, so that it stays in a register

@@ -10,7 +10,7 @@ Two libraries implement that ABI from one source (docs/design.md, "Kernels"):
   found through ``CVIG_KERNELS_LIB`` or ``build/plugins/``.
 
 Front ends: numpy functions on the host library (:func:`kmeans`,
-:func:`partitioned_knn`, :func:`segment_mean`, :func:`gather_max_rel`), used by
+:func:`kmeans_centroids`, :func:`partitioned_knn`, :func:`segment_mean`, :func:`gather_max_rel`), used by
 the ONNX Runtime ops of the CPU plugin graph; and :class:`Kernels`, which takes
 PyTorch tensors and runs CPU tensors on the host library and CUDA tensors on
 the CUDA library (the PyTorch custom ops of ``clustervig.plugins.torch_ops``).
@@ -179,12 +179,13 @@ class KernelLibrary:
             raise KernelLibraryError(f"{self.path} holds the {self.backend!r} kernels, expected {backend!r}")
         p, i = ctypes.c_void_p, ctypes.c_int
         self.lib.cvig_kmeans_launch.argtypes = [p, i, i, i, i, i, i, p, p, p]
+        self.lib.cvig_kmeans_centroids_launch.argtypes = [p, i, i, i, i, i, i, i, p, p, p, p]
         self.lib.cvig_partitioned_knn_launch.argtypes = [p, p, i, i, i, i, i, p, p, p]
         self.lib.cvig_segment_mean_launch.argtypes = [p, p, i, i, i, i, i, p, p, p]
         self.lib.cvig_gather_max_rel_launch.argtypes = [p, p, i, i, i, i, i, p, p]
         self.lib.cvig_kmeans_smem_bytes.argtypes = [i, i, i]
         self.lib.cvig_kmeans_smem_bytes.restype = ctypes.c_size_t
-        for name in ("cvig_kmeans_launch", "cvig_partitioned_knn_launch", "cvig_segment_mean_launch",
+        for name in ("cvig_kmeans_launch", "cvig_kmeans_centroids_launch", "cvig_partitioned_knn_launch", "cvig_segment_mean_launch",
                      "cvig_gather_max_rel_launch"):
             getattr(self.lib, name).restype = ctypes.c_int
 
@@ -284,6 +285,22 @@ def kmeans(xn: np.ndarray, k: int, iters: int, lib: Optional[KernelLibrary] = No
     counts = np.empty((b, k), np.int32)
     lib.call("k-means", "cvig_kmeans_launch", _ptr(xn), dt, b, n, c, k, iters, _ptr(labels), _ptr(counts), None)
     return labels, counts
+
+
+def kmeans_centroids(x: np.ndarray, k: int, iters: int, empty_zero: bool = True,
+                     lib: Optional[KernelLibrary] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """k-means of tokens ``x [B, N, C]`` with its centroids -> ``(labels [B, N], counts [B, k])`` int32 and
+    ``centroids [B, k, C]`` in x's dtype (host kernels). ``empty_zero``: an empty cluster's centroid becomes 0."""
+    x, dt = _np_float(x, "x")
+    b, n, c = _dims3(x.shape, "x")
+    _check_kmeans(n, k, iters)
+    lib = lib or host_library()
+    labels = np.empty((b, n), np.int32)
+    counts = np.empty((b, k), np.int32)
+    cent = np.empty((b, k, c), x.dtype)
+    lib.call("k-means", "cvig_kmeans_centroids_launch", _ptr(x), dt, b, n, c, k, iters, int(bool(empty_zero)),
+             _ptr(labels), _ptr(counts), _ptr(cent), None)
+    return labels, counts, cent
 
 
 def partitioned_knn(xn: np.ndarray, labels: np.ndarray, k: int,
@@ -402,6 +419,19 @@ class Kernels:
         self._run(xn, "k-means", "cvig_kmeans_launch", xn.data_ptr(), self._dtype(xn), b, n, c, k, iters,
                   labels.data_ptr(), counts.data_ptr())
         return labels, counts
+
+    def kmeans_centroids(self, x, k: int, iters: int, empty_zero: bool = True):
+        import torch
+
+        b, n, c = _dims3(x.shape, "x")
+        _check_kmeans(n, k, iters)
+        x = x.detach().contiguous()
+        labels = torch.empty(b, n, dtype=torch.int32, device=x.device)
+        counts = torch.empty(b, k, dtype=torch.int32, device=x.device)
+        cent = torch.empty(b, k, c, dtype=x.dtype, device=x.device)
+        self._run(x, "k-means", "cvig_kmeans_centroids_launch", x.data_ptr(), self._dtype(x), b, n, c, k, iters,
+                  int(bool(empty_zero)), labels.data_ptr(), counts.data_ptr(), cent.data_ptr())
+        return labels, counts, cent
 
     def partitioned_knn(self, xn, labels, k: int):
         import torch

@@ -67,6 +67,11 @@ def register() -> str:
         def _kmeans(xn, **a):
             return kernels.kmeans(xn, int(a["clusters"]), int(a["iters"]), lib=lib)
 
+        @onnx_op(op_type="CvigKMeansCentroids", inputs=[f], outputs=[i32, i32, f],
+                 attrs={"clusters": i64, "iters": i64, "empty_zero": i64})
+        def _kmeans_centroids(x, **a):
+            return kernels.kmeans_centroids(x, int(a["clusters"]), int(a["iters"]), bool(a["empty_zero"]), lib=lib)
+
         @onnx_op(op_type="CvigPartitionedKNN", inputs=[f, i32], outputs=[i32, i32], attrs={"k": i64})
         def _knn(xn, labels, **a):
             return kernels.partitioned_knn(xn, labels, int(a["k"]), lib=lib)

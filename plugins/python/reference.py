@@ -13,11 +13,23 @@ import numpy as np
 
 def kmeans_ref(xn: np.ndarray, k: int, iters: int) -> Tuple[np.ndarray, np.ndarray]:
     """xn [B, N, C] -> (labels [B, N] int32, counts [B, k] int32)."""
-    b, n, _ = xn.shape
+    labels, counts, _ = kmeans_centroids_ref(xn, k, iters, empty_zero=False)
+    return labels, counts
+
+
+def kmeans_centroids_ref(tokens: np.ndarray, k: int, iters: int,
+                         empty_zero: bool = True) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """tokens [B, N, C] -> (labels, counts, centroids [B, k, C] float64 after the last update).
+
+    ``empty_zero``: a cluster without members gets the zero vector (and competes
+    with it in the next assignment); otherwise it keeps its centroid.
+    """
+    b, n, c = tokens.shape
     labels = np.zeros((b, n), np.int32)
     counts = np.zeros((b, k), np.int32)
+    cents = np.zeros((b, k, c), np.float64)
     for i in range(b):
-        x = xn[i].astype(np.float64)
+        x = tokens[i].astype(np.float64)
         cent = np.stack([x[(2 * j + 1) * n // (2 * k)] for j in range(k)])
         for t in range(iters + 1):
             d = (cent**2).sum(1)[None, :] - 2.0 * x @ cent.T
@@ -28,9 +40,12 @@ def kmeans_ref(xn: np.ndarray, k: int, iters: int) -> Tuple[np.ndarray, np.ndarr
                 m = lab == j
                 if m.any():
                     cent[j] = x[m].mean(0)
+                elif empty_zero:
+                    cent[j] = 0.0
         labels[i] = lab
         counts[i] = np.bincount(lab, minlength=k)
-    return labels, counts
+        cents[i] = cent
+    return labels, counts, cents
 
 
 def partitioned_knn_ref(xn: np.ndarray, labels: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,5 @@
-"""PyTorch custom ops over the plugin kernels: ``torch.ops.cvig.{kmeans, partitioned_knn, segment_mean, gather_max_rel}``.
+"""PyTorch custom ops over the plugin kernels: ``torch.ops.cvig.{kmeans, kmeans_centroids, partitioned_knn,
+segment_mean, gather_max_rel}``.
 
 CPU tensors run on ``libcvig_kernels_host.so``, CUDA tensors on
 ``libcvig_kernels.so`` (current stream, no synchronisation), so a model on
@@ -32,6 +33,20 @@ def kmeans(xn: Tensor, clusters: int, iters: int) -> Tuple[Tensor, Tensor]:
 def _(xn, clusters, iters):
     b, n, _ = xn.shape
     return xn.new_empty(b, n, dtype=torch.int32), xn.new_empty(b, clusters, dtype=torch.int32)
+
+
+@torch.library.custom_op("cvig::kmeans_centroids", mutates_args=())
+def kmeans_centroids(x: Tensor, clusters: int, iters: int, empty_zero: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """k-means of tokens ``[B, N, C]`` with the centroids of the last update ``[B, clusters, C]`` (x's dtype);
+    labels and counts int32. ``empty_zero``: an empty cluster's centroid becomes 0 (``numerics="authors"``)."""
+    return _KERNELS.kmeans_centroids(x, clusters, iters, empty_zero)
+
+
+@kmeans_centroids.register_fake
+def _(x, clusters, iters, empty_zero):
+    b, n, c = x.shape
+    return (x.new_empty(b, n, dtype=torch.int32), x.new_empty(b, clusters, dtype=torch.int32),
+            x.new_empty(b, clusters, c))
 
 
 @torch.library.custom_op("cvig::partitioned_knn", mutates_args=())
@@ -69,4 +84,4 @@ def _(x, idx):
     return torch.empty_like(x)
 
 
-__all__ = ["kmeans", "partitioned_knn", "segment_mean", "gather_max_rel"]
+__all__ = ["kmeans", "kmeans_centroids", "partitioned_knn", "segment_mean", "gather_max_rel"]

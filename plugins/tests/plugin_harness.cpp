@@ -53,12 +53,26 @@ IPluginV3* create(IPluginCreatorV3One* c, std::vector<Field> const& fields) {
     return c->createPlugin(c->getPluginName(), &fc, TensorRTPhase::kBUILD);
 }
 
-// Output types of a plugin for the given input types: the return code and the first output type.
-int32_t outputTypes(IPluginV3OneBuild* b, std::vector<DataType> const& in, DataType* first) {
+// Output types of a plugin for the given input types: the return code and the first output type
+// (and the last one, where asked).
+int32_t outputTypes(IPluginV3OneBuild* b, std::vector<DataType> const& in, DataType* first, DataType* last = nullptr) {
     DataType out[4];
     int32_t const rc = b->getOutputDataTypes(out, b->getNbOutputs(), in.data(), static_cast<int32_t>(in.size()));
     if (rc == 0) *first = out[0];
+    if (rc == 0 && last != nullptr) *last = out[b->getNbOutputs() - 1];
     return rc;
+}
+
+// supportsFormatCombination at an output position, all other tensors int32 except input 0 = `x`
+bool acceptsAtOutput(IPluginV3OneBuild* b, int32_t nbInputs, int32_t pos, DataType x, DataType t) {
+    std::vector<DynamicPluginTensorDesc> io(static_cast<size_t>(nbInputs + b->getNbOutputs()));
+    for (auto& d : io) {
+        d.desc.format = TensorFormat::kLINEAR;
+        d.desc.type = DataType::kINT32;
+    }
+    io[0].desc.type = x;
+    io[static_cast<size_t>(pos)].desc.type = t;
+    return b->supportsFormatCombination(pos, io.data(), nbInputs, b->getNbOutputs());
 }
 
 bool acceptsAtInput0(IPluginV3OneBuild* b, int32_t nbInputs, DataType t) {
@@ -83,7 +97,7 @@ int main(int argc, char** argv) {
     check(getCreators != nullptr && dlsym(lib, "setLoggerFinder") != nullptr, "getCreators and setLoggerFinder exported");
     int32_t n = 0;
     IPluginCreatorInterface* const* creators = getCreators(n);
-    check(n == 4, "four creators");
+    check(n == 5, "five creators");
 
     struct Expect {
         char const* name;
@@ -92,6 +106,7 @@ int main(int argc, char** argv) {
     };
     std::vector<Expect> const expect = {
         {"CvigKMeans", 1, {{"clusters", 0}, {"iters", -1}}},
+        {"CvigKMeansCentroids", 1, {{"clusters", 0}, {"iters", -1}, {"empty_zero", 2}, {"empty_zero", -1}}},
         {"CvigPartitionedKNN", 2, {{"k", 0}, {"k", 65}}},
         {"CvigSegmentMean", 2, {{"clusters", 0}}},
         {"CvigGatherMaxRel", 2, {}},
@@ -118,9 +133,18 @@ int main(int argc, char** argv) {
             std::vector<DataType> in(static_cast<size_t>(e.inputs), DataType::kINT32);
             in[0] = t;
             DataType first{};
-            bool const index = std::strcmp(e.name, "CvigKMeans") == 0 || std::strcmp(e.name, "CvigPartitionedKNN") == 0;
+            bool const centroids = std::strcmp(e.name, "CvigKMeansCentroids") == 0;
+            bool const index = centroids || std::strcmp(e.name, "CvigKMeans") == 0 || std::strcmp(e.name, "CvigPartitionedKNN") == 0;
             check(outputTypes(b, in, &first) == 0 && first == (index ? DataType::kINT32 : t) && acceptsAtInput0(b, e.inputs, t),
                   std::string(e.name) + ": " + (t == DataType::kFLOAT ? "FP32" : "FP16") + " input accepted, output types agree");
+            if (centroids) {  // labels, counts int32; centroids in the tokens' type, at output 2 = position 3
+                DataType last{};
+                DataType const other = t == DataType::kFLOAT ? DataType::kHALF : DataType::kFLOAT;
+                check(outputTypes(b, in, &first, &last) == 0 && last == t && acceptsAtOutput(b, 1, 3, t, t) &&
+                          !acceptsAtOutput(b, 1, 3, t, other) && acceptsAtOutput(b, 1, 1, t, DataType::kINT32) &&
+                          acceptsAtOutput(b, 1, 2, t, DataType::kINT32),
+                      std::string(e.name) + ": centroids follow the tokens' type, labels and counts int32");
+            }
         }
         for (DataType t : {DataType::kBF16, DataType::kINT8, DataType::kINT32}) {
             std::vector<DataType> in(static_cast<size_t>(e.inputs), DataType::kINT32);
@@ -147,13 +171,14 @@ int main(int argc, char** argv) {
     open(argv[2], RTLD_NOW | RTLD_LOCAL);
     int const count = names(buf, sizeof buf);
     std::printf("     registered:\n%s", buf);
-    check(count == 4 && std::strstr(buf, "::CvigKMeans/1") && std::strstr(buf, "::CvigPartitionedKNN/1") &&
-              std::strstr(buf, "::CvigSegmentMean/1") && std::strstr(buf, "::CvigGatherMaxRel/1"),
-          "autoreg registered the four creators on dlopen");
+    check(count == 5 && std::strstr(buf, "::CvigKMeans/1") && std::strstr(buf, "::CvigKMeansCentroids/1") &&
+              std::strstr(buf, "::CvigPartitionedKNN/1") && std::strstr(buf, "::CvigSegmentMean/1") &&
+              std::strstr(buf, "::CvigGatherMaxRel/1"),
+          "autoreg registered the five creators on dlopen");
     open(argv[2], RTLD_NOW | RTLD_LOCAL);  // a second dlopen runs no initializer again
     bool again = false;
     for (int32_t i = 0; i < n; ++i) again |= registry()->registerCreator(*creators[i], "");
-    check(!again && names(buf, sizeof buf) == 4, "a second registration (as loadLibrary would do) is refused, no duplicates");
+    check(!again && names(buf, sizeof buf) == 5, "a second registration (as loadLibrary would do) is refused, no duplicates");
     std::printf("%d checks passed\n", gChecks);
     return 0;
 }
