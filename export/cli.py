@@ -30,9 +30,9 @@ from clustervig.calib import CalibrationDataError, calibration_files, file_batch
 
 from .plugin_graph import SurgeryError, to_plugin_graph
 from .onnx_export import MIN_OPSET, BatchSpec, ExportError, atomic_save, check_model, export_onnx, get_metadata, set_metadata
-from .triton import write_triton_repo
+from .triton import BACKENDS as TRITON_BACKENDS, write_triton_repo
 from .trt_compat import check_tensorrt_ops
-from .trt_build import TensorRTUnavailable, build_command_hint, build_engine
+from .trt_build import TensorRTUnavailable, build_command_hint, build_engine, tensorrt_module
 from .validate import in_graph_normalization, validate as run_validation  # `validate` is the --validate flag in main
 
 MIN_CALIB_SAMPLES = 8
@@ -157,7 +157,13 @@ def parse_islands(text: str) -> List[str]:
               help="Let TensorRT run FP32 layers in TF32 (10-bit mantissa inputs); off keeps the FP32 islands FP32.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="TensorRT timing cache file (read and updated).")
 @click.option("--triton-repo", type=click.Path(path_type=Path), default=None,
-              help="Also write a Triton model repository (ONNX Runtime model, and the engine when built).")
+              help="Also write a Triton model repository: <model>_onnx (and <model>_trt when an engine is built), "
+                   "or the models of --triton-backend.")
+@click.option("--triton-backend", "triton_backends", multiple=True, type=click.Choice(list(TRITON_BACKENDS)),
+              help="Model(s) of the Triton repository (repeatable): onnxruntime = <model>_onnx on Triton's ONNX Runtime "
+                   "backend; python = <model>_python, ONNX Runtime inside Triton's Python backend (CPU servers "
+                   "without the ONNX Runtime backend); tensorrt = <model>_trt, the engine (needs TensorRT here). "
+                   "Default: onnxruntime, plus tensorrt when an engine is built.")
 @click.option("--validate/--no-validate", default=True, help="Compare every artifact with PyTorch.")
 @click.option("--samples", type=click.IntRange(min=1), default=4, help="Images per validation input set (dynamic batch).")
 @click.option("--gate", "gate_specs", multiple=True, metavar="KEY=VALUE",
@@ -169,8 +175,8 @@ def parse_islands(text: str) -> List[str]:
               help="Output folder. An earlier export there is replaced as a whole; other files are left alone.")
 def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, fp16, fp16_io, fp32_islands, int8, calib_dir,
          calib_method, calib_samples, opset, knn,
-         capacity, normalize_in_graph, simplify, plugins, engine, plugins_lib, workspace, tf32, timing_cache, triton_repo, validate,
-         samples, out, gate_specs, no_gates):
+         capacity, normalize_in_graph, simplify, plugins, engine, plugins_lib, workspace, tf32, timing_cache, triton_repo,
+         triton_backends, validate, samples, out, gate_specs, no_gates):
     """Export a ClusterViG checkpoint to ONNX (FP32, optionally FP16/INT8/plugin graph), validate every
     artifact against PyTorch, and build TensorRT engines where TensorRT is installed."""
     # every argument, input and output path is checked here, before any long work
@@ -213,6 +219,7 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
     if triton_repo is not None and _inside(Path(triton_repo), Path(out)) is not None:
         raise click.BadParameter(f"{triton_repo} is inside the output folder {out}; give the repository its own folder",
                                  param_hint="--triton-repo")
+    check_triton_backends(triton_repo, triton_backends, engine)
     earlier = earlier_export(out)  # read before any work: a broken report.json is reported now
     if no_gates:
         click.secho("WARNING: --no-gates: artifacts are published even if they miss their validation gates "
@@ -222,7 +229,8 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
         with terminate_as_interrupt():
             _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io, islands, int8, calib_dir, calib_files,
                     calib_method, opset, knn, capacity, normalize_in_graph, simplify, plugins, engine, plugins_lib, workspace,
-                    tf32, timing_cache, triton_repo, validate, samples, Path(out), gate_overrides, no_gates, earlier)
+                    tf32, timing_cache, triton_repo, list(triton_backends) or None, validate, samples, Path(out),
+                    gate_overrides, no_gates, earlier)
     except BaseException as exc:
         if created and Path(out).is_dir() and not any(Path(out).iterdir()):
             Path(out).rmdir()  # a failed first export leaves no empty folder behind
@@ -234,6 +242,24 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
         raise
 
 
+def check_triton_backends(triton_repo: Optional[Path], backends, engine: bool) -> None:
+    """--triton-backend needs --triton-repo; tensorrt needs an engine, so TensorRT here and --engine."""
+    if not backends:
+        return
+    if triton_repo is None:
+        raise click.UsageError("--triton-backend chooses the models of a Triton repository: add --triton-repo DIR")
+    if "tensorrt" not in backends:
+        return
+    if not engine:
+        raise click.UsageError("--triton-backend tensorrt serves the TensorRT engine: drop --no-engine")
+    try:
+        tensorrt_module()
+    except TensorRTUnavailable as exc:
+        raise click.ClickException(
+            f"--triton-backend tensorrt serves the TensorRT engine, and {exc}: export with --triton-backend "
+            "onnxruntime (or python) here, or run cvig export where TensorRT is installed") from None
+
+
 def _inside(path: Path, folder: Path) -> Optional[Path]:
     try:
         return path.resolve().relative_to(folder.resolve())
@@ -243,7 +269,8 @@ def _inside(path: Path, folder: Path) -> Optional[Path]:
 
 def _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io, islands, int8, calib_dir, calib_files,
             calib_method, opset, knn, capacity, normalize_in_graph, simplify, plugins, engine, plugins_lib, workspace, tf32,
-            timing_cache, triton_repo, validate, samples, out: Path, gate_overrides, no_gates, earlier) -> None:
+            timing_cache, triton_repo, triton_backends, validate, samples, out: Path, gate_overrides, no_gates,
+            earlier) -> None:
     n_steps = 3 + int(fp16) + int(validate) + int(plugins) + int(int8)
     step = 0
     timings: Dict[str, float] = {}
@@ -425,8 +452,9 @@ def _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io
                 try:
                     written = write_triton_repo(triton_repo, model.cfg.name, src, bspec, model.cfg.img_size,
                                                 model.cfg.num_classes, engine_path=out / eng.name if eng else None,
-                                                input_dtype="float16" if (fp16 and fp16_io) else "float32", labels=names)
-                except OSError as exc:
+                                                input_dtype="float16" if (fp16 and fp16_io) else "float32", labels=names,
+                                                backends=triton_backends)
+                except (OSError, ValueError) as exc:  # ValueError: --triton-backend tensorrt, no engine was built
                     raise click.ClickException(f"the export is published in {out}/, but the Triton repository "
                                                f"{triton_repo} could not be written: {exc}") from None
                 report["triton_repo"]["models"] = sorted(written)

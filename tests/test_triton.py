@@ -1,6 +1,8 @@
 """Triton model repositories: every config.pbtxt parses with Triton's own ModelConfig protobuf."""
 from __future__ import annotations
 
+import json
+
 from click.testing import CliRunner
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -75,3 +77,110 @@ def test_bad_triton_repo_path_fails_before_any_work(tmp_path):
                                                "-o", str(tmp_path / "out")])
         assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, res.output
         assert "[1/" not in res.output and not (tmp_path / "out").exists()
+
+
+# --- the python backend: model.py outside the server (the server itself: test_triton_server.py) ---------
+
+
+class _FakeTensor:
+    def __init__(self, name, array):
+        self.name, self.array = name, array
+
+    def as_numpy(self):
+        return self.array
+
+
+class _FakeResponse:
+    def __init__(self, output_tensors, error=None):
+        self.output_tensors, self.error = output_tensors, error
+
+
+class _FakeError:
+    def __init__(self, message):
+        self.message = message
+
+
+class _FakeUtils:
+    """The parts of triton_python_backend_utils that model.py uses."""
+    Tensor = _FakeTensor
+    InferenceResponse = _FakeResponse
+    TritonError = _FakeError
+
+    @staticmethod
+    def get_input_tensor_by_name(request, name):
+        return _FakeTensor(name, request[name])
+
+
+def load_model_py(folder):
+    """The repository's model.py as a module, with the stand-in backend utilities, initialised as Triton would."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"model_{abs(hash(str(folder)))}", folder / "1" / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.pb_utils = _FakeUtils
+    model = mod.TritonPythonModel()
+    cfg = parse((folder / "config.pbtxt").read_text())
+    model.initialize({"model_config": json.dumps({"max_batch_size": cfg.max_batch_size}),
+                      "model_repository": str(folder), "model_version": "1"})
+    return model
+
+
+def test_python_backend_repository_and_model(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    repo = tmp_path / "repo"
+    res = CliRunner().invoke(export_main, ["--model", "cvig_nano", "--dynamic-batch", "1:4:8", "--no-validate",
+                                           "--plugins", "--triton-repo", str(repo), "--triton-backend", "python",
+                                           "--triton-backend", "onnxruntime", "-o", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in repo.iterdir()) == ["README.md", "cvig_nano_onnx", "cvig_nano_python"]
+    cfg = parse((repo / "cvig_nano_python" / "config.pbtxt").read_text())
+    assert cfg.backend == "python" and cfg.platform == "" and cfg.max_batch_size == 8
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [4] and cfg.output[0].label_filename == "labels.txt"
+    onnx_cfg = parse((repo / "cvig_nano_onnx" / "config.pbtxt").read_text())
+    assert onnx_cfg.platform == "onnxruntime_onnx" and onnx_cfg.input == cfg.input and onnx_cfg.output == cfg.output
+    from clustervig.export.triton import PYTHON_MODEL
+
+    assert (repo / "cvig_nano_python" / "1" / "model.py").read_bytes() == PYTHON_MODEL.read_bytes()
+    readme = (repo / "README.md").read_text()
+    assert "| `cvig_nano_python` | python |" in readme and "`numpy<2` and `onnxruntime`" in readme
+
+    # model.py: requests of 1, 3 and 2 images run as one batch of 6; each gets its own rows
+    model = load_model_py(repo / "cvig_nano_python")
+    rng = np.random.default_rng(0)
+    reqs = [{"images": rng.standard_normal((n, 3, 224, 224)).astype(np.float32)} for n in (1, 3, 2)]
+    out = model.execute(reqs)
+    sess = ort.InferenceSession(str(tmp_path / "out" / "model_fp32.onnx"), providers=["CPUExecutionProvider"])
+    for r, o in zip(reqs, out):
+        assert o.error is None and o.output_tensors[0].name == "logits"
+        want = sess.run(None, {"images": r["images"]})[0]
+        np.testing.assert_allclose(o.output_tensors[0].as_numpy(), want, rtol=0, atol=1e-4)
+    # a failing run answers every request of the batch with an error instead of raising
+    out = model.execute([{"images": np.zeros((1, 3, 64, 64), np.float32)}, reqs[0]])
+    assert len(out) == 2 and all(o.error is not None and "ONNX Runtime failed" in o.error.message for o in out)
+
+    # a plugin graph in the same model.py runs its plugin nodes on the host kernels
+    import shutil
+
+    shutil.copy(tmp_path / "out" / "model_plugins.onnx", repo / "cvig_nano_python" / "1" / "model.onnx")
+    plugin_model = load_model_py(repo / "cvig_nano_python")
+    got = plugin_model.execute(reqs[1:2])[0].output_tensors[0].as_numpy()
+    np.testing.assert_allclose(got, sess.run(None, {"images": reqs[1]["images"]})[0], rtol=0, atol=1e-4)
+
+
+def test_triton_backend_errors(tmp_path):
+    out = tmp_path / "out"
+    # --triton-backend without a repository; tensorrt without an engine: refused before any work
+    for args, message in [(["--triton-backend", "python"], "add --triton-repo DIR"),
+                          (["--triton-repo", str(tmp_path / "r"), "--triton-backend", "tensorrt", "--no-engine"],
+                           "drop --no-engine"),
+                          (["--triton-repo", str(tmp_path / "r"), "--triton-backend", "tensorrt"],
+                           "the tensorrt Python package is not installed")]:
+        res = CliRunner().invoke(export_main, ["--model", "cvig_nano", "--no-validate", *args, "-o", str(out)])
+        assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output, res.output
+        assert "[1/" not in res.output and not out.exists() and not (tmp_path / "r").exists()
+    res = CliRunner().invoke(export_main, ["--model", "cvig_nano", "--triton-repo", str(tmp_path / "r"),
+                                           "--triton-backend", "onnx", "-o", str(out)])
+    assert res.exit_code == 2 and "'onnxruntime', 'python', 'tensorrt'" in res.output
