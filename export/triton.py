@@ -10,9 +10,9 @@ maximum batch:
   Triton's Python backend (``model.py``: ``triton_python_model.py``), for
   servers without the ONNX Runtime backend (CPU servers, the tests);
 * ``tensorrt``: ``<name>_trt``, the engine (``platform: "tensorrt_plan"``).
-  Engines that use the ClusterViG plugins need ``libcvig_plugins.so`` in the
-  server: ``LD_PRELOAD`` or the TensorRT backend's ``plugins`` option (see
-  the repository's README.md).
+  Engines that use the ClusterViG plugins need them registered in the
+  server: ``libcvig_plugins_autoreg.so`` through ``LD_PRELOAD`` or the
+  TensorRT backend's ``plugins`` option (see the repository's README.md).
 """
 from __future__ import annotations
 
@@ -178,7 +178,12 @@ def repo_readme(repo: Path) -> str:
                   "`numpy<2` and `onnxruntime`; a plugin graph also needs clustervig-trt and onnxruntime-extensions.",
                   ""]
     if plugins:
-        lines += ["Engines built from the plugin graph need the ClusterViG plugins in the server process:",
-                  "", "    LD_PRELOAD=/path/libcvig_plugins.so tritonserver --model-repository=.",
-                  "    tritonserver --model-repository=. --backend-config=tensorrt,plugins=/path/libcvig_plugins.so", ""]
+        lines += ["Engines built from the plugin graph need the ClusterViG plugins registered in the server process. "
+                  "Triton loads a plugin library with dlopen (LD_PRELOAD, or the TensorRT backend's `plugins` "
+                  "option) and calls nothing in it, so give it `libcvig_plugins_autoreg.so`, which registers the "
+                  "creators when it is loaded (keep `libcvig_plugins.so` in the same folder; both built for the "
+                  "server's TensorRT major):",
+                  "", "    LD_PRELOAD=/path/libcvig_plugins_autoreg.so tritonserver --model-repository=.",
+                  "    tritonserver --model-repository=. --backend-config=tensorrt,plugins=/path/libcvig_plugins_autoreg.so",
+                  ""]
     return "\n".join(lines)
