@@ -2,41 +2,83 @@
 
 TensorRT-compatible Q/DQ (docs/tensorrt.md section 2): symmetric (zero point 0), INT8 in
 [-128, 127] (scales from amax / 127), per-channel weight scales (axis 0 of
-each Conv weight), per-tensor activation scales. Only convolutions are
-quantized: normalisation, k-means, k-NN, GATv2 and the graph aggregations
-stay in floating point (docs/design.md section 5).
+each Conv weight), per-tensor activation scales. Placement (docs/design.md,
+"INT8 placement"): the activation input of every Conv, and the skip input of
+every residual Add whose other input is a quantized Conv's output, so that
+TensorRT fuses the Add into that convolution with an INT8 residual.
+Normalisation, k-means, k-NN, GATv2 and the graph aggregations stay in
+floating point (docs/design.md section 5).
 
-Activation ranges come from the FP32 graph run in ONNX Runtime on
-calibration images, with one of three methods: ``max`` (largest |x|),
-``percentile`` (99.99th percentile of |x|), ``entropy`` (the threshold that
-minimises the KL divergence between the clipped FP32 histogram and its INT8
-quantization, TensorRT's classic method). A JSON cache keyed by the graph
-hash, the method and the images used (count and contents) makes a second run free.
+Activation ranges come from ONNX Runtime's calibrators
+(``onnxruntime.quantization.calibrate``) running the FP32 graph on calibration
+images, restricted to the tensors above: ``max`` (MinMax, largest |x|),
+``percentile`` (99.99th percentile of |x|, 2048 bins), ``entropy`` (the
+threshold minimising the KL divergence between the FP32 histogram, 512 bins
+over [-amax, amax], and its quantization to the 255 levels of symmetric INT8:
+TensorRT's classic method; ONNX Runtime's search is quadratic in the bins, and
+512 scores as 1024 and 2048 do on the digits model). All symmetric. A JSON
+cache keyed by the graph hash, the method and the images used (count and
+contents) makes a second run free.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from clustervig.utils import write_json_atomic
 
 METHODS = ("max", "entropy", "percentile")
-BINS = 2048
+PERCENTILE = 99.99
+PERCENTILE_BINS = 2048  # histogram of |x|
+ENTROPY_BINS = 512  # histogram over [-amax, amax]
+ENTROPY_LEVELS = 255  # quantized bins of the KL search: the levels -127..127 of symmetric INT8
 
 
 def conv_activations(model: onnx.ModelProto) -> List[str]:
-    """The activation tensors feeding Conv nodes (the quantized ones)."""
+    """The activation tensors feeding Conv nodes with constant weights (the quantized convolutions)."""
     inits = {t.name for t in model.graph.initializer}
     out = []
     for n in model.graph.node:
-        if n.op_type == "Conv" and n.input[0] not in inits and n.input[0] not in out:
+        if n.op_type == "Conv" and n.input[1] in inits and n.input[0] not in inits and n.input[0] not in out:
             out.append(n.input[0])
+    return out
+
+
+def residual_adds(model: onnx.ModelProto) -> List[Tuple[onnx.NodeProto, int]]:
+    """``(Add node, index of its skip input)`` for every residual Add: one input is the output of a
+    quantized Conv, the other a computed activation (not a constant such as the position embedding)."""
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    constants = {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    conv_out = {n.output[0] for n in g.node if n.op_type == "Conv" and n.input[1] in inits}
+    found = []
+    for n in g.node:
+        if n.op_type != "Add" or len(n.input) != 2:
+            continue
+        a, b = n.input
+        for conv_side, skip in ((0, 1), (1, 0)):
+            x, y = (a, b)[conv_side], (a, b)[skip]
+            if x in conv_out and y not in conv_out and y not in inits and y not in constants:
+                found.append((n, skip))
+                break
+    return found
+
+
+def quantized_activations(model: onnx.ModelProto) -> List[str]:
+    """Every activation tensor that gets a Q/DQ pair: Conv inputs, then residual skip inputs."""
+    out = conv_activations(model)
+    for n, i in residual_adds(model):
+        if n.input[i] not in out:
+            out.append(n.input[i])
     return out
 
 
@@ -44,63 +86,57 @@ def graph_hash(model: onnx.ModelProto) -> str:
     return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()[:16]
 
 
-def _entropy_amax(hist: np.ndarray, edges: np.ndarray, levels: int = 128) -> float:
-    """Threshold minimising KL(P || Q) between the clipped histogram and its INT8 version.
+def _calibrator(method: str, model_path: Path, augmented: Path, names: Sequence[str]):
+    """ONNX Runtime's calibrator for ``method``, restricted to the tensors ``names``."""
+    from onnxruntime.quantization import calibrate as oc
 
-    For each candidate i (every 16th bin from ``levels``): P = the first i bins with the tail clipped into
-    bin i-1; Q = those i bins merged into ``levels`` buckets (as ``np.array_split`` cuts them) and each
-    bucket's mass spread evenly over its non-empty bins. Bucket sums are one ``np.add.reduceat`` per
-    candidate (a per-bucket Python loop made the entropy method the slowest export stage).
-    """
-    hist = np.asarray(hist)
-    if hist.sum() == 0:
-        return float(edges[-1])
-    h = hist.astype(np.float64)
-    nonempty = hist > 0
-    tail = np.concatenate([np.cumsum(h[::-1])[::-1], [0.0]])  # tail[i] = sum of bins i..end
-    best, best_i = np.inf, len(hist)
-    for i in range(levels, len(hist) + 1, 16):
-        p = h[:i].copy()
-        p[i - 1] += tail[i]  # clip the tail into the last bin
-        nz = p > 0
-        base, extra = divmod(i, levels)
-        sizes = np.full(levels, base, dtype=np.int64)
-        sizes[:extra] += 1  # np.array_split's bucket sizes
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        mass = np.add.reduceat(h[:i], starts)
-        count = np.add.reduceat(nonempty[:i].astype(np.int64), starts)
-        q = np.where(nonempty[:i], np.repeat(np.where(count > 0, mass / np.maximum(count, 1), 0.0), sizes), 0.0)
-        ps, qs = p / p.sum(), q / max(q.sum(), 1e-30)
-        mask = nz & (qs > 0)
-        kl = np.sum(ps[mask] * np.log(ps[mask] / qs[mask])) + np.sum(ps[nz & ~(qs > 0)]) * 30.0
-        if kl < best:
-            best, best_i = kl, i
-    return float(edges[best_i - 1])  # upper edge of the last kept bin
+    if method == "max":
+        cls, kw = oc.MinMaxCalibrater, {"symmetric": True}
+    elif method == "entropy":
+        cls, kw = oc.EntropyCalibrater, {"symmetric": True, "num_bins": ENTROPY_BINS,
+                                         "num_quantized_bins": ENTROPY_LEVELS}
+    elif method == "percentile":
+        cls, kw = oc.PercentileCalibrater, {"symmetric": True, "num_bins": PERCENTILE_BINS, "percentile": PERCENTILE}
+    else:
+        raise ValueError(f"calibration method {method!r}: choose one of {METHODS}")
+    wanted = set(names)
+
+    class Selected(cls):  # the per-node selection: only the tensors that get Q/DQ
+        def select_tensors_to_calibrate(self, model):
+            tensors, value_infos = super().select_tensors_to_calibrate(model)
+            missing = wanted - set(tensors)
+            if missing:
+                raise ValueError(f"ONNX Runtime's calibrator cannot see {sorted(missing)[:4]} (no inferred float type)")
+            return set(tensors) & wanted, value_infos
+
+    cal = Selected(str(model_path), None, str(augmented), **kw)
+    cal.augment_graph()
+    cal.create_inference_session()
+    return cal
 
 
-def collect_ranges(model: onnx.ModelProto, batches: Iterable[np.ndarray], method: str = "entropy",
-                   percentile: float = 99.99) -> Dict[str, float]:
-    """Per-tensor amax of every Conv input activation over the calibration batches."""
-    import onnxruntime as ort
+class _OneBatch:
+    """A CalibrationDataReader over one feed (ONNX Runtime's interface: get_next until None)."""
 
+    def __init__(self, feed: Dict[str, np.ndarray]) -> None:
+        self.feed: Optional[Dict[str, np.ndarray]] = feed
+
+    def get_next(self):
+        feed, self.feed = self.feed, None
+        return feed
+
+    def rewind(self):  # part of the reader interface; one pass is all the calibrators take
+        pass
+
+
+def collect_ranges(model: onnx.ModelProto, batches: Iterable[np.ndarray], method: str = "entropy") -> Dict[str, float]:
+    """Symmetric amax of every quantized activation (:func:`quantized_activations`) over the calibration
+    batches, computed by ONNX Runtime's calibrator for ``method``. One batch at a time: histograms
+    and extrema are merged as they come, so memory does not grow with the number of images."""
     if method not in METHODS:
         raise ValueError(f"calibration method {method!r}: choose one of {METHODS}")
-    names = conv_activations(model)
-    dbg = onnx.ModelProto()
-    dbg.CopyFrom(model)
-    inferred = onnx.shape_inference.infer_shapes(model)
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
-    types.update({i.name: i.type.tensor_type.elem_type for i in model.graph.input})
-    for n in names:
-        if n not in {o.name for o in dbg.graph.output}:
-            dbg.graph.output.append(helper.make_tensor_value_info(n, types.get(n, TensorProto.FLOAT), None))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(dbg.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    out_names = [o.name for o in sess.get_outputs()]
-    amax = {n: 0.0 for n in names}
-    samples: Dict[str, List[np.ndarray]] = {n: [] for n in names}
-    seen = 0
+    names = quantized_activations(model)
+    inp = model.graph.input[0].name
     static_b = model.graph.input[0].type.tensor_type.shape.dim[0].dim_value  # 0 when dynamic
 
     def chunks(x):  # a static-batch graph takes exactly its batch: split, repeat the last image to fill
@@ -111,37 +147,23 @@ def collect_ranges(model: onnx.ModelProto, batches: Iterable[np.ndarray], method
             c = x[i : i + static_b]
             yield c if len(c) == static_b else np.concatenate([c, np.repeat(c[-1:], static_b - len(c), axis=0)])
 
-    for xb in batches:
-        seen += len(xb)
-        for x in chunks(xb):
-            res = dict(zip(out_names, sess.run(None, {model.graph.input[0].name: x})))
-            _accumulate(res, names, amax, samples, method)
-    if seen == 0:
-        raise ValueError("no calibration samples were given")
-    return _finish(names, amax, samples, method, percentile)
-
-
-def _accumulate(res, names, amax, samples, method) -> None:
-    for n in names:
-            a = np.abs(res[n]).astype(np.float32).ravel()
-            amax[n] = max(amax[n], float(a.max()))
-            if method != "max":  # a bounded random subsample keeps memory flat
-                rng = np.random.default_rng(len(samples[n]))
-                samples[n].append(a if a.size <= 200_000 else rng.choice(a, 200_000, replace=False))
-
-
-def _finish(names, amax, samples, method, percentile) -> Dict[str, float]:
-    if method == "max":
-        return amax
+    seen = 0
+    with tempfile.TemporaryDirectory(prefix="cvig-calib-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx.save(model, str(path))
+        cal = _calibrator(method, path, Path(tmp) / "augmented.onnx", names)
+        with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print progress lines
+            for xb in batches:
+                seen += len(xb)
+                for x in chunks(np.ascontiguousarray(xb, np.float32)):
+                    cal.collect_data(_OneBatch({inp: x}))
+            if seen == 0:
+                raise ValueError("no calibration samples were given")
+            data = cal.compute_data()
     out = {}
     for n in names:
-        a = np.concatenate(samples[n])
-        if method == "percentile":
-            out[n] = float(np.percentile(a, percentile))
-        else:
-            hist, edges = np.histogram(a, bins=BINS, range=(0.0, max(amax[n], 1e-12)))
-            out[n] = _entropy_amax(hist, edges[1:])
-        out[n] = max(out[n], 1e-8)
+        lo, hi = (float(np.max(np.abs(v))) for v in data[n].range_value)  # arrays of shape () or (1,)
+        out[n] = max(lo, hi, 1e-8)
     return out
 
 
@@ -183,27 +205,39 @@ def load_or_collect(model: onnx.ModelProto, batches_fn, method: str, files: Sequ
     return {"ranges": ranges, "cached": cached, "key": key}
 
 
+def _qdq(x: str, amax: float) -> Tuple[List[onnx.NodeProto], List[onnx.TensorProto], str]:
+    """A symmetric per-tensor Q/DQ pair on ``x``: its nodes, initializers and the dequantized name."""
+    s_name, z_name = f"{x}:scale", f"{x}:zero"
+    inits = [numpy_helper.from_array(np.array(amax / 127.0, np.float32), s_name),
+             numpy_helper.from_array(np.array(0, np.int8), z_name)]
+    nodes = [helper.make_node("QuantizeLinear", [x, s_name, z_name], [f"{x}:q"], name=f"{x}/QuantizeLinear"),
+             helper.make_node("DequantizeLinear", [f"{x}:q", s_name, z_name], [f"{x}:dq"], name=f"{x}/DequantizeLinear")]
+    return nodes, inits, f"{x}:dq"
+
+
 def quantize_qdq(model: onnx.ModelProto, ranges: Dict[str, float]) -> onnx.ModelProto:
-    """Insert symmetric Q/DQ before every Conv: per-tensor activations, per-channel INT8 weights."""
+    """Insert symmetric Q/DQ: per-tensor on every Conv's activation input and on the skip input of every
+    residual Add (sharing one pair per tensor), per-channel INT8 weights (axis 0) on every Conv."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
     inits = {t.name: t for t in g.initializer}
+    skip_of = {n.output[0]: i for n, i in residual_adds(out)}  # by output name (SSA): protobuf wrappers have no stable id
     new_nodes, new_inits = [], []
     act_done: Dict[str, str] = {}
+
+    def dequantized(x: str) -> str:
+        if x not in act_done:
+            nodes, tensors, dq = _qdq(x, ranges[x])
+            new_nodes.extend(nodes)
+            new_inits.extend(tensors)
+            act_done[x] = dq
+        return act_done[x]
+
     for n in g.node:
         if n.op_type == "Conv" and n.input[1] in inits:
-            x = n.input[0]
-            if x in ranges:
-                if x not in act_done:
-                    s_name, z_name = f"{x}:scale", f"{x}:zero"
-                    new_inits += [numpy_helper.from_array(np.array(ranges[x] / 127.0, np.float32), s_name),
-                                  numpy_helper.from_array(np.array(0, np.int8), z_name)]
-                    new_nodes += [helper.make_node("QuantizeLinear", [x, s_name, z_name], [f"{x}:q"], name=f"{x}/QuantizeLinear"),
-                                  helper.make_node("DequantizeLinear", [f"{x}:q", s_name, z_name], [f"{x}:dq"],
-                                                   name=f"{x}/DequantizeLinear")]
-                    act_done[x] = f"{x}:dq"
-                n.input[0] = act_done[x]
+            if n.input[0] in ranges:
+                n.input[0] = dequantized(n.input[0])
             w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
             amax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
             scale = np.maximum(amax, 1e-12) / 127.0
@@ -215,6 +249,9 @@ def quantize_qdq(model: onnx.ModelProto, ranges: Dict[str, float]) -> onnx.Model
             new_nodes.append(helper.make_node("DequantizeLinear", [f"{wn}:int8", f"{wn}:scale", f"{wn}:zero"], [f"{wn}:dq"],
                                               name=f"{n.name}/weight/DequantizeLinear", axis=0))
             n.input[1] = f"{wn}:dq"
+        elif n.op_type == "Add" and n.output[0] in skip_of and n.input[skip_of[n.output[0]]] in ranges:
+            i = skip_of[n.output[0]]
+            n.input[i] = dequantized(n.input[i])
         new_nodes.append(n)
     used = {x for nd in new_nodes for x in nd.input}
     keep = [t for t in g.initializer if t.name in used] + new_inits
