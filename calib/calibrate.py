@@ -215,14 +215,15 @@ def _qdq(x: str, amax: float) -> Tuple[List[onnx.NodeProto], List[onnx.TensorPro
     return nodes, inits, f"{x}:dq"
 
 
-def quantize_qdq(model: onnx.ModelProto, ranges: Dict[str, float]) -> onnx.ModelProto:
-    """Insert symmetric Q/DQ: per-tensor on every Conv's activation input and on the skip input of every
-    residual Add (sharing one pair per tensor), per-channel INT8 weights (axis 0) on every Conv."""
+def quantize_qdq(model: onnx.ModelProto, ranges: Dict[str, float], residual: bool = True) -> onnx.ModelProto:
+    """Insert symmetric Q/DQ: per-tensor on every Conv's activation input and (``residual``) on the skip input
+    of every residual Add (sharing one pair per tensor), per-channel INT8 weights (axis 0) on every Conv.
+    ``residual=False`` is the Conv-only placement (kept for comparisons)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
     inits = {t.name: t for t in g.initializer}
-    skip_of = {n.output[0]: i for n, i in residual_adds(out)}  # by output name (SSA): protobuf wrappers have no stable id
+    skip_of = {n.output[0]: i for n, i in residual_adds(out)} if residual else {}  # by output name (SSA): protobuf wrappers have no stable id
     new_nodes, new_inits = [], []
     act_done: Dict[str, str] = {}
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import click
+import numpy as np
 import onnx
 import torch
 
@@ -27,6 +28,9 @@ from .fp16 import DEFAULT_FP32_ISLANDS, FP16_HEADROOM, ISLAND_PIECES, FP16_SAFE_
     is_island, overflow_nodes
 from .gates import DEFAULT_GATES, GateError, check_gates, effective_gates, fmt_cosine, fmt_fraction, parse_gates
 from clustervig.calib import CalibrationDataError, calibration_files, file_batches, load_or_collect, quantize_qdq
+from clustervig.calib.calibrate import images_fingerprint
+from clustervig.calib.modelopt_backend import METHODS as MODELOPT_METHODS, ModelOptUnavailable, quantize_modelopt
+from clustervig.calib.modelopt_backend import where as modelopt_where
 
 from .plugin_graph import SurgeryError, to_plugin_graph
 from .onnx_export import MIN_OPSET, BatchSpec, ExportError, atomic_save, check_model, export_onnx, get_metadata, set_metadata
@@ -133,7 +137,11 @@ def parse_islands(text: str) -> List[str]:
 @click.option("--calib-dir", type=click.Path(path_type=Path), default=None,
               help="Folder of calibration images (PNG/JPEG, searched recursively, sorted by path).")
 @click.option("--calib-method", type=click.Choice(["entropy", "percentile", "max"]), default="entropy",
-              help="Activation range method.")
+              help="Activation range method (ONNX Runtime's calibrators; modelopt: max or entropy).")
+@click.option("--int8-backend", type=click.Choice(["ort", "modelopt"]), default="ort",
+              help="Who calibrates and places Q/DQ: ort = this package (ONNX Runtime's calibrators, docs/design.md "
+                   "'INT8 placement'); modelopt = NVIDIA ModelOpt's ONNX PTQ, where it is importable or "
+                   "$CVIG_MODELOPT_PYTHON names a python that has it (not installed with this package).")
 @click.option("--calib-samples", type=int, default=64,
               help=f"Calibration images used: the first N of --calib-dir (at least {MIN_CALIB_SAMPLES}).")
 @click.option("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset (>= {MIN_OPSET}).")
@@ -174,7 +182,7 @@ def parse_islands(text: str) -> List[str]:
 @click.option("-o", "--output", "--out", "out", type=click.Path(path_type=Path), required=True,
               help="Output folder. An earlier export there is replaced as a whole; other files are left alone.")
 def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, fp16, fp16_io, fp32_islands, int8, calib_dir,
-         calib_method, calib_samples, opset, knn,
+         calib_method, int8_backend, calib_samples, opset, knn,
          capacity, normalize_in_graph, simplify, plugins, engine, plugins_lib, workspace, tf32, timing_cache, triton_repo,
          triton_backends, validate, samples, out, gate_specs, no_gates):
     """Export a ClusterViG checkpoint to ONNX (FP32, optionally FP16/INT8/plugin graph), validate every
@@ -198,6 +206,14 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
     islands = fp32_islands
     if int8 and calib_dir is None:
         raise click.UsageError("--int8 needs --calib-dir DIR with calibration images")
+    if int8 and int8_backend == "modelopt":
+        if calib_method not in MODELOPT_METHODS:
+            raise click.UsageError(f"--int8-backend modelopt calibrates with {' or '.join(MODELOPT_METHODS)}, "
+                                   f"not --calib-method {calib_method}")
+        try:
+            modelopt_where()
+        except ModelOptUnavailable as exc:
+            raise click.ClickException(f"--int8-backend modelopt: {exc}") from None
     if calib_samples < (MIN_CALIB_SAMPLES if int8 else 1):
         raise click.UsageError(f"--calib-samples {calib_samples}: at least {MIN_CALIB_SAMPLES if int8 else 1} are needed")
     calib_files: Optional[List[Path]] = None
@@ -228,7 +244,7 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
     try:
         with terminate_as_interrupt():
             _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io, islands, int8, calib_dir, calib_files,
-                    calib_method, opset, knn, capacity, normalize_in_graph, simplify, plugins, engine, plugins_lib, workspace,
+                    calib_method, int8_backend, opset, knn, capacity, normalize_in_graph, simplify, plugins, engine, plugins_lib, workspace,
                     tf32, timing_cache, triton_repo, list(triton_backends) or None, validate, samples, Path(out),
                     gate_overrides, no_gates, earlier)
     except BaseException as exc:
@@ -268,7 +284,7 @@ def _inside(path: Path, folder: Path) -> Optional[Path]:
 
 
 def _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io, islands, int8, calib_dir, calib_files,
-            calib_method, opset, knn, capacity, normalize_in_graph, simplify, plugins, engine, plugins_lib, workspace, tf32,
+            calib_method, int8_backend, opset, knn, capacity, normalize_in_graph, simplify, plugins, engine, plugins_lib, workspace, tf32,
             timing_cache, triton_repo, triton_backends, validate, samples, out: Path, gate_overrides, no_gates,
             earlier) -> None:
     n_steps = 3 + int(fp16) + int(validate) + int(plugins) + int(int8)
@@ -326,22 +342,37 @@ def _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io
         calibration = None
         if int8:
             step += 1
-            t = _step(step, n_steps, f"INT8 Q/DQ graph ({calib_method} calibration on {len(calib_files)} images of {calib_dir})")
+            t = _step(step, n_steps, f"INT8 Q/DQ graph ({calib_method} calibration on {len(calib_files)} images of {calib_dir}"
+                                     f"{', ModelOpt' if int8_backend == 'modelopt' else ''})")
             g32 = onnx.load(str(fp32_path))
-            try:
-                cal = load_or_collect(g32, lambda: file_batches(calib_files, spec, 8), calib_method, calib_files,
-                                      out / CALIB_CACHE, write_to=stage / CALIB_CACHE)
-            except CalibrationDataError as exc:
-                raise click.ClickException(str(exc)) from None
-            g8 = quantize_qdq(g32, cal["ranges"])
-            set_metadata(g8, {"clustervig.precision": "int8", "clustervig.calibration": calib_method})
+            if int8_backend == "modelopt":
+                try:
+                    images = np.concatenate(list(file_batches(calib_files, spec, 8)))
+                    quantize_modelopt(fp32_path, images, calib_method, stage / "model_int8.onnx")
+                except CalibrationDataError as exc:
+                    raise click.ClickException(str(exc)) from None
+                except (ModelOptUnavailable, RuntimeError) as exc:
+                    raise click.ClickException(f"--int8-backend modelopt: {exc}") from None
+                g8 = onnx.load(str(stage / "model_int8.onnx"))
+                cal = {"cached": False, "key": {"images": images_fingerprint(calib_files)}, "ranges": None}
+                summary_line = f"{sum(n.op_type == 'QuantizeLinear' for n in g8.graph.node)} Q/DQ pairs by ModelOpt"
+            else:
+                try:
+                    cal = load_or_collect(g32, lambda: file_batches(calib_files, spec, 8), calib_method, calib_files,
+                                          out / CALIB_CACHE, write_to=stage / CALIB_CACHE)
+                except CalibrationDataError as exc:
+                    raise click.ClickException(str(exc)) from None
+                g8 = quantize_qdq(g32, cal["ranges"])
+                summary_line = (f"{len(cal['ranges'])} activation ranges"
+                                f"{' (from cache: same graph, method and images)' if cal['cached'] else ''}")
+            set_metadata(g8, {"clustervig.precision": "int8", "clustervig.calibration": calib_method,
+                              "clustervig.int8_backend": int8_backend})
             check_model(g8)
             atomic_save(g8, stage / "model_int8.onnx")
             artifacts["int8"] = stage / "model_int8.onnx"
-            calibration = {"method": calib_method, "folder": str(calib_dir), "images": len(calib_files),
-                           "images_sha256": cal["key"]["images"], "from_cache": cal["cached"]}
-            timings["export_int8"] = _done(t, f"{len(cal['ranges'])} activation ranges"
-                                              f"{' (from cache: same graph, method and images)' if cal['cached'] else ''}")
+            calibration = {"method": calib_method, "backend": int8_backend, "folder": str(calib_dir),
+                           "images": len(calib_files), "images_sha256": cal["key"]["images"], "from_cache": cal["cached"]}
+            timings["export_int8"] = _done(t, summary_line)
         if plugins:
             step += 1
             t = _step(step, n_steps, "plugin graph (graph surgery by stable names)")
@@ -437,7 +468,7 @@ def _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io
         if triton_repo is not None:
             report["triton_repo"] = {"path": str(triton_repo), "models": []}
         files = [p.name for p in sidecars] + [p.name for p in staged.values()] + [REPORT]
-        if calibration is not None:
+        if calibration is not None and (stage / CALIB_CACHE).is_file():  # ModelOpt keeps no cache
             files.append(CALIB_CACHE)
         report["sidecars"] = [p.name for p in sidecars]
         report["files"] = sorted(files)

@@ -280,3 +280,27 @@ def test_bad_calibration_arrays_and_flags(tmp_path):
         list(array_batches(np.zeros((4, 3, 32, 32), np.float32), {"img_size": 32}, min_samples=8))
     res = CliRunner().invoke(export_main, ["--checkpoint", str(CKPT), "--int8", "-o", str(tmp_path / "o")])
     assert res.exit_code == 2 and "--int8 needs --calib-dir" in res.output
+
+
+def test_modelopt_backend_errors(tmp_path, monkeypatch):
+    """ModelOpt is optional: without it (or with a CVIG_MODELOPT_PYTHON that lacks it) the export stops before any
+    work and says how to install it; percentile is refused (ModelOpt has max and entropy)."""
+    import sys
+
+    from clustervig.calib.modelopt_backend import ModelOptUnavailable, where
+
+    out = tmp_path / "out"
+    base = ["--checkpoint", str(CKPT), "--int8", "--int8-backend", "modelopt", "--calib-dir", str(tmp_path),
+            "--no-validate", "-o", str(out)]
+    monkeypatch.delenv("CVIG_MODELOPT_PYTHON", raising=False)
+    res = CliRunner().invoke(export_main, base)
+    assert res.exit_code == 1 and 'pip install "nvidia-modelopt[onnx]"' in res.output and "CVIG_MODELOPT_PYTHON" in res.output
+    assert "[1/" not in res.output and not out.exists()
+    res = CliRunner().invoke(export_main, base + ["--calib-method", "percentile"])
+    assert res.exit_code == 2 and "calibrates with max or entropy" in res.output
+    monkeypatch.setenv("CVIG_MODELOPT_PYTHON", sys.executable)  # this environment has no modelopt
+    with pytest.raises(ModelOptUnavailable, match="cannot import modelopt.onnx.quantization"):
+        where()
+    monkeypatch.setenv("CVIG_MODELOPT_PYTHON", str(tmp_path / "nope" / "python"))
+    with pytest.raises(ModelOptUnavailable, match="does not exist"):
+        where()
