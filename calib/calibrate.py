@@ -28,7 +28,7 @@ import io
 import json
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Collection, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -215,15 +215,19 @@ def _qdq(x: str, amax: float) -> Tuple[List[onnx.NodeProto], List[onnx.TensorPro
     return nodes, inits, f"{x}:dq"
 
 
-def quantize_qdq(model: onnx.ModelProto, ranges: Dict[str, float], residual: bool = True) -> onnx.ModelProto:
+def quantize_qdq(model: onnx.ModelProto, ranges: Dict[str, float], residual: bool = True,
+                 convs: Optional[Collection[str]] = None) -> onnx.ModelProto:
     """Insert symmetric Q/DQ: per-tensor on every Conv's activation input and (``residual``) on the skip input
     of every residual Add (sharing one pair per tensor), per-channel INT8 weights (axis 0) on every Conv.
-    ``residual=False`` is the Conv-only placement (kept for comparisons)."""
+    ``residual=False`` is the Conv-only placement (kept for comparisons); ``convs`` (node names) limits the
+    quantized convolutions, and the residual Adds to theirs (per-block studies, ``bench.int8_blocks``)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
     inits = {t.name: t for t in g.initializer}
-    skip_of = {n.output[0]: i for n, i in residual_adds(out)} if residual else {}  # by output name (SSA): protobuf wrappers have no stable id
+    producer = {o: n.name for n in g.node for o in n.output}
+    chosen = (lambda name: True) if convs is None else (lambda name: name in convs)  # noqa: E731
+    skip_of = {n.output[0]: i for n, i in residual_adds(out) if chosen(producer.get(n.input[1 - i], ""))} if residual else {}  # by output name (SSA): protobuf wrappers have no stable id
     new_nodes, new_inits = [], []
     act_done: Dict[str, str] = {}
 
@@ -236,7 +240,7 @@ def quantize_qdq(model: onnx.ModelProto, ranges: Dict[str, float], residual: boo
         return act_done[x]
 
     for n in g.node:
-        if n.op_type == "Conv" and n.input[1] in inits:
+        if n.op_type == "Conv" and n.input[1] in inits and chosen(n.name):
             if n.input[0] in ranges:
                 n.input[0] = dequantized(n.input[0])
             w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)

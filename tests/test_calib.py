@@ -304,3 +304,24 @@ def test_modelopt_backend_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("CVIG_MODELOPT_PYTHON", str(tmp_path / "nope" / "python"))
     with pytest.raises(ModelOptUnavailable, match="does not exist"):
         where()
+
+
+def test_qdq_on_chosen_convolutions_only(digits):
+    """``convs`` limits Q/DQ to the named convolutions (and the residual Adds they feed): the per-block
+    teacher-forced study of bench.int8_blocks quantizes one block's fc1 alone."""
+    d, _ = digits
+    g32 = onnx.load(str(d / "fp32.onnx"))
+    ranges = collect_ranges(g32, array_batches(digits_split()[0].images[:16].numpy(), {"img_size": 32}, 16), "max")
+    name = "blocks.1.grapher.fc1.0/Conv"
+    g = quantize_qdq(g32, ranges, residual=False, convs={name})
+    conv = next(n for n in g.graph.node if n.name == name)
+    producer = {o: n for n in g.graph.node for o in n.output}
+    assert producer[conv.input[0]].op_type == producer[conv.input[1]].op_type == "DequantizeLinear"
+    assert sum(n.op_type == "QuantizeLinear" for n in g.graph.node) == 1
+    assert sum(n.op_type == "DequantizeLinear" for n in g.graph.node) == 2  # its activation and its weight
+    # the residual Add fed by blocks.1's fc2 gets its skip quantized only when that conv is chosen
+    fc2 = "blocks.1.grapher.fc2.0/Conv"
+    g = quantize_qdq(g32, ranges, convs={fc2})
+    add = next(n for n in g.graph.node if n.name == "blocks.1.grapher/Add_1")
+    assert [producer_op for producer_op in ({o: n for n in g.graph.node for o in n.output}[i].op_type
+                                            for i in add.input)].count("DequantizeLinear") == 1
