@@ -42,11 +42,38 @@ def _agreement(ref: Dict[str, np.ndarray], out: Dict[str, np.ndarray], pre: str)
     return labels, neighbor_agreement(ref[f"{pre}/neighbors"], out[f"{pre}/neighbors"])
 
 
+def int8_block_rows(g32: onnx.ModelProto, calib: np.ndarray, x: np.ndarray, spec: Dict, depth: int,
+                    methods: Sequence[str]) -> List[Dict]:
+    """For each method: calibrate on ``calib``, then per block the teacher-forced and end-to-end label and
+    neighbour agreement with the FP32 graph on ``x``, and the end-to-end logit agreement."""
+    from clustervig.calib import array_batches, collect_ranges, quantize_qdq
+    from clustervig.export.validate import OrtModel, compare
+
+    ref = OrtModel(g32).run(x)
+    blocks = [f"blocks.{i}.grapher.degc" for i in range(depth)]
+    rows = []
+    for method in methods:
+        t0 = time.perf_counter()
+        ranges = collect_ranges(g32, array_batches(calib, spec, 8), method)
+        full = OrtModel(quantize_qdq(g32, ranges)).run(x)
+        whole = compare(ref, full)
+        per_block = []
+        for i, pre in enumerate(blocks):
+            forced = quantize_qdq(g32, ranges, residual=False, convs={f"blocks.{i}.grapher.fc1.0/Conv"})
+            tf = _agreement(ref, OrtModel(forced).run(x), pre)
+            e2e = _agreement(ref, full, pre)
+            per_block.append({"block": i, "teacher_forced_labels": tf[0], "teacher_forced_neighbours": tf[1],
+                              "end_to_end_labels": e2e[0], "end_to_end_neighbours": e2e[1]})
+        rows.append({"method": method, "seconds": round(time.perf_counter() - t0, 1), "blocks": per_block,
+                     "logits": {k: whole[k] for k in ("cosine_mean", "cosine_min", "top1_agreement")}})
+        print(f"[int8-blocks] {method}: end-to-end cosine {whole['cosine_mean']:.4f}, teacher-forced labels "
+              + " ".join(f"{b['teacher_forced_labels'] * 100:.0f}" for b in per_block), flush=True)
+    return rows
+
+
 def run(name: str, methods: Sequence[str], seed: int = 1) -> Dict:
     import clustervig
-    from clustervig.calib import array_batches, collect_ranges, quantize_qdq
     from clustervig.export.onnx_export import BatchSpec, export_onnx
-    from clustervig.export.validate import OrtModel, compare
     from clustervig.preprocess import sample_photographs, transform_spec
     from clustervig.utils import calibrate_batchnorm
 
@@ -57,30 +84,10 @@ def run(name: str, methods: Sequence[str], seed: int = 1) -> Dict:
     calib = torch.cat([calib, calib.flip(-1)]).numpy()
     x = sample_photographs(spec, EVAL_PHOTOS)
     calibrate_batchnorm(model, [torch.from_numpy(calib), x])
-    x = x.numpy()
-    rows: List[Dict] = []
     with tempfile.TemporaryDirectory() as d:
         fp32 = Path(d) / "fp32.onnx"
         export_onnx(model, fp32, BatchSpec(1, 8, 32))
-        g32 = onnx.load(str(fp32))
-        ref = OrtModel(g32).run(x)
-        blocks = [f"blocks.{i}.grapher.degc" for i in range(model.cfg.depth)]
-        for method in methods:
-            t0 = time.perf_counter()
-            ranges = collect_ranges(g32, array_batches(calib, spec, 8), method)
-            full = OrtModel(quantize_qdq(g32, ranges)).run(x)
-            whole = compare(ref, full)
-            per_block = []
-            for i, pre in enumerate(blocks):
-                forced = quantize_qdq(g32, ranges, residual=False, convs={f"blocks.{i}.grapher.fc1.0/Conv"})
-                tf = _agreement(ref, OrtModel(forced).run(x), pre)
-                e2e = _agreement(ref, full, pre)
-                per_block.append({"block": i, "teacher_forced_labels": tf[0], "teacher_forced_neighbours": tf[1],
-                                  "end_to_end_labels": e2e[0], "end_to_end_neighbours": e2e[1]})
-            rows.append({"method": method, "seconds": round(time.perf_counter() - t0, 1), "blocks": per_block,
-                         "logits": {k: whole[k] for k in ("cosine_mean", "cosine_min", "top1_agreement")}})
-            print(f"[int8-blocks] {name} {method}: end-to-end cosine {whole['cosine_mean']:.4f}, teacher-forced labels "
-                  + " ".join(f"{b['teacher_forced_labels'] * 100:.0f}" for b in per_block), flush=True)
+        rows = int8_block_rows(onnx.load(str(fp32)), calib, x.numpy(), spec, model.cfg.depth, methods)
     return {"machine": machine(), "model": name, "seed": seed, "calibration": list(CALIB_PHOTOS) + ["(mirrored)"],
             "evaluation": list(EVAL_PHOTOS), "rows": rows}
 

@@ -18,6 +18,7 @@ COMMANDS: Dict[str, Tuple[str, str, str]] = {
     "accuracy": ("clustervig.calib.accuracy", "main", "Top-1 and agreement of artifacts on labelled images."),
     "profile": ("clustervig.profile", "command", "Parameters and GMACs of the variants (Table III)."),
     "train-digits": ("clustervig.train", "command", "Train the digits model on the CPU (minutes)."),
+    "train-photos": ("clustervig.train", "photos_command", "Train the 224-px cvig_photos model on the CPU (~30 min)."),
     "convert": ("clustervig.convert", "command", "Checkpoint of the authors' ClusterViG code -> clustervig checkpoint."),
 }
 

@@ -17,6 +17,14 @@ _VARIANTS: Dict[str, ClusterViGConfig] = {
     "cvig_nano": ClusterViGConfig(
         name="cvig_nano", dim=32, depth=3, grid=14, clusters=4, groups=1, head_dim=64, k_min=9, k_max=18
     ),
+    # A trained model at the paper's resolution and depth (224 px, 14x14 tokens, 12 blocks, kappa 4,
+    # K 9..18, G-MRGCN + GATv2), narrow enough to train on a 2-core CPU: the 16 classes of the
+    # photo-patches data set (clustervig.photo_data; `cvig train-photos`).
+    "cvig_photos": ClusterViGConfig(
+        name="cvig_photos", dim=48, depth=12, grid=14, clusters=4, groups=1, head_dim=128, num_classes=16,
+        class_names=("astronaut", "brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel",
+                     "grass", "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "retina", "rocket"),
+    ),
     # A real trained model for CPU-sized work (INT8 calibration, measured accuracy):
     # scikit-learn's 8x8 handwritten digits upsampled to 32x32 (PIL bilinear).
     "cvig_digits": ClusterViGConfig(
