@@ -9,7 +9,8 @@ from clustervig.registry import get_config
 
 
 def test_list_models_and_configs():
-    assert clustervig.list_models() == ["cvig_b", "cvig_b_hr", "cvig_digits", "cvig_nano", "cvig_s", "cvig_ti"]
+    assert clustervig.list_models() == ["cvig_b", "cvig_b_hr", "cvig_digits", "cvig_nano", "cvig_photos", "cvig_s",
+                                        "cvig_ti"]
     ti = get_config("cvig_ti")
     assert (ti.dim, ti.depth, ti.tokens, ti.clusters, ti.groups) == (192, 12, 196, 4, 1)
     hr = get_config("cvig_b_hr")
