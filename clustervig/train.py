@@ -63,13 +63,11 @@ def evaluate(model: ClusterViG, images: Tensor, labels: Tensor, batch: int = 256
     return correct / len(images)
 
 
-def train_digits(recipe: Recipe, out: Optional[Path] = None, log=print) -> Dict:
-    torch.manual_seed(recipe.seed)
+def fit(model: ClusterViG, recipe, train, test, augment, log=print, eval_batch: int = 256):
+    """AdamW with linear warm-up and a cosine schedule over ``recipe.epochs``, cross-entropy with label
+    smoothing on both heads; ``augment(x, gen)`` transforms each batch (``gen``: seeded by ``recipe.seed``,
+    also shuffling). Returns the per-epoch history and the ``time.perf_counter()`` of the start."""
     gen = torch.Generator().manual_seed(recipe.seed)
-    model = create_model(recipe.model)
-    cfg = model.cfg
-    train, test = digits_split(cfg.img_size, cfg.mean, cfg.std, recipe.test_size, recipe.split_seed)
-    background = (0.0 - cfg.mean[0]) / cfg.std[0]
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     steps_per_epoch = math.ceil(len(train.images) / recipe.batch)
     total = recipe.epochs * steps_per_epoch
@@ -89,7 +87,7 @@ def train_digits(recipe: Recipe, out: Optional[Path] = None, log=print) -> Dict:
         loss_sum = 0.0
         for i in range(0, len(perm), recipe.batch):
             ii = perm[i : i + recipe.batch]
-            x = random_shift(train.images[ii], recipe.max_shift, background, gen)
+            x = augment(train.images[ii], gen)
             y = train.labels[ii]
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
@@ -102,10 +100,21 @@ def train_digits(recipe: Recipe, out: Optional[Path] = None, log=print) -> Dict:
             opt.step()
             loss_sum += loss.item() * len(ii)
             step += 1
-        acc = evaluate(model, test.images, test.labels)
+        acc = evaluate(model, test.images, test.labels, batch=eval_batch)
         history.append({"epoch": epoch + 1, "loss": loss_sum / len(perm), "test_top1": acc})
         log(f"epoch {epoch + 1:>3}/{recipe.epochs}  loss {loss_sum / len(perm):.4f}  test top-1 {acc * 100:.2f}%  "
             f"[{time.perf_counter() - t0:.0f}s]")
+    return history, t0
+
+
+def train_digits(recipe: Recipe, out: Optional[Path] = None, log=print) -> Dict:
+    torch.manual_seed(recipe.seed)
+    model = create_model(recipe.model)
+    cfg = model.cfg
+    train, test = digits_split(cfg.img_size, cfg.mean, cfg.std, recipe.test_size, recipe.split_seed)
+    background = (0.0 - cfg.mean[0]) / cfg.std[0]
+    history, t0 = fit(model, recipe, train, test,
+                      lambda x, gen: random_shift(x, recipe.max_shift, background, gen), log)
     metrics = {
         "test_top1": history[-1]["test_top1"],
         "train_top1": evaluate(model, train.images, train.labels),
@@ -142,49 +151,16 @@ def train_photos(recipe: PhotoRecipe, out: Optional[Path] = None, log=print) -> 
     from .photo_data import photo_patches_split
 
     torch.manual_seed(recipe.seed)
-    gen = torch.Generator().manual_seed(recipe.seed)
     model = create_model(recipe.model)
     cfg = model.cfg
     train, test = photo_patches_split(recipe.train_per_class, recipe.test_per_class, cfg.img_size, recipe.data_seed,
                                       cfg.mean, cfg.std)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    steps_per_epoch = math.ceil(len(train.images) / recipe.batch)
-    total = recipe.epochs * steps_per_epoch
-    warm = recipe.warmup_epochs * steps_per_epoch
 
-    def lr_at(step: int) -> float:
-        if step < warm:
-            return recipe.lr * (step + 1) / warm
-        return 0.5 * recipe.lr * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+    def mirror(x, gen):
+        flip = torch.rand(len(x), generator=gen) < 0.5
+        return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
-    t0 = time.perf_counter()
-    step = 0
-    history = []
-    for epoch in range(recipe.epochs):
-        model.train()
-        perm = torch.randperm(len(train.images), generator=gen)
-        loss_sum = 0.0
-        for i in range(0, len(perm), recipe.batch):
-            ii = perm[i : i + recipe.batch]
-            x = train.images[ii]
-            flip = torch.rand(len(ii), generator=gen) < 0.5
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-            y = train.labels[ii]
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            cls, dist = model(x)
-            loss = F.cross_entropy(cls, y, label_smoothing=recipe.label_smoothing) + F.cross_entropy(
-                dist, y, label_smoothing=recipe.label_smoothing
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.item() * len(ii)
-            step += 1
-        acc = evaluate(model, test.images, test.labels, batch=64)
-        history.append({"epoch": epoch + 1, "loss": loss_sum / len(perm), "test_top1": acc})
-        log(f"epoch {epoch + 1:>3}/{recipe.epochs}  loss {loss_sum / len(perm):.4f}  test top-1 {acc * 100:.2f}%  "
-            f"[{time.perf_counter() - t0:.0f}s]")
+    history, t0 = fit(model, recipe, train, test, mirror, log, eval_batch=64)
     metrics = {
         "test_top1": history[-1]["test_top1"],
         "train_seconds": time.perf_counter() - t0,
