@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -58,8 +58,9 @@ def digits_split(size: int = 32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), test
     return mk(tr), mk(te)
 
 
-def write_image_folder(split: Split, out_dir: Path, per_class: int = 0) -> Path:
-    """Write digits as PNG files ``out_dir/<label>/<i>.png`` (the 8x8 scans, as a user would have them)."""
+def write_image_folder(split: Split, out_dir: Path, per_class: int = 0, names: Optional[Sequence[str]] = None) -> Path:
+    """Write a split's raw images as PNG files ``out_dir/<class>/<i>.png`` (as a user would have them); the
+    class folder is ``names[label]``, or the label itself (the digits' scans: ``out_dir/<digit>/``)."""
     from PIL import Image
 
     out_dir = Path(out_dir)
@@ -68,7 +69,7 @@ def write_image_folder(split: Split, out_dir: Path, per_class: int = 0) -> Path:
         if per_class and counts.get(lab, 0) >= per_class:
             continue
         counts[lab] = counts.get(lab, 0) + 1
-        d = out_dir / str(lab)
+        d = out_dir / (names[lab] if names is not None else str(lab))
         d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(r, mode="L").save(d / f"{i:04d}.png")
+        Image.fromarray(r).save(d / f"{i:04d}.png")  # uint8 [h, w] -> L, [h, w, 3] -> RGB
     return out_dir

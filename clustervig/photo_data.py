@@ -21,7 +21,7 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import torch
 
-from .data import Split
+from .data import Split, write_image_folder
 
 # 16 scikit-image images that ship with the package (no download): photographs, scans and textures
 SOURCES = ("astronaut", "brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel", "grass",
@@ -110,17 +110,4 @@ def photo_patches_split(train_per_class: int = 48, test_per_class: int = 16, siz
 
 def write_photo_folder(split: Split, out_dir, per_class: int = 0, sources: Sequence[str] = SOURCES):
     """Write crops as PNG files ``out_dir/<source>/<i>.png`` (for cvig export --calib-dir, cvig accuracy --folder)."""
-    from pathlib import Path
-
-    from PIL import Image
-
-    out_dir = Path(out_dir)
-    counts: dict = {}
-    for i, (r, lab) in enumerate(zip(split.raw, split.labels.tolist())):
-        if per_class and counts.get(lab, 0) >= per_class:
-            continue
-        counts[lab] = counts.get(lab, 0) + 1
-        d = out_dir / sources[lab]
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(r).save(d / f"{i:04d}.png")
-    return out_dir
+    return write_image_folder(split, out_dir, per_class, names=sources)
