@@ -16,22 +16,14 @@ import numpy as np
 from clustervig.cliutil import CTX, check_output_file, write_json
 
 
-def labelled_folder(folder: Path, spec: Dict, names: List[str]) -> Tuple[np.ndarray, np.ndarray]:
+def labelled_folder(folder: Path, spec: Dict, names: List[str], num_classes: Optional[int] = None
+                    ) -> Tuple[np.ndarray, np.ndarray]:
     from clustervig.preprocess import load_batch
 
-    from .data import image_files
+    from .data import labelled_files
 
-    files = image_files(folder)
-    labels = []
-    for f in files:
-        cls = f.parent.name
-        if cls in names:
-            labels.append(names.index(cls))
-        elif cls.isdigit():
-            labels.append(int(cls))
-        else:
-            raise click.ClickException(f"{f}: folder name {cls!r} is neither a class name nor an index")
-    return load_batch(files, spec).numpy(), np.asarray(labels)
+    files, labels = labelled_files(folder, names, num_classes)
+    return load_batch(files, spec).numpy(), labels
 
 
 def evaluate(logits: Dict[str, np.ndarray], labels: np.ndarray) -> List[Dict]:
@@ -85,7 +77,7 @@ def run(models: List[Path], checkpoint: Optional[Path], digits: bool, folder: Op
         _, test = digits_split(int(spec["img_size"]), spec["mean"], spec["std"])
         x, y = test.images.numpy(), test.labels.numpy()
     else:
-        x, y = labelled_folder(folder, spec, list(cfg.get("class_names") or []))
+        x, y = labelled_folder(folder, spec, list(cfg.get("class_names") or []), next(iter(classes), None))
     logits: Dict[str, np.ndarray] = {}
     if model is not None:
         with torch.no_grad():

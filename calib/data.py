@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -15,14 +15,36 @@ class CalibrationDataError(ValueError):
     pass
 
 
-def image_files(folder: Path) -> List[Path]:
+def image_files(folder: Path, what: str = "calibration folder") -> List[Path]:
     folder = Path(folder)
     if not folder.is_dir():
-        raise CalibrationDataError(f"calibration folder {folder} does not exist or is not a directory")
+        raise CalibrationDataError(f"{what} {folder} does not exist or is not a directory")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTS and p.is_file())
     if not files:
-        raise CalibrationDataError(f"calibration folder {folder} holds no JPEG/PNG images")
+        raise CalibrationDataError(f"{what} {folder} holds no JPEG/PNG images")
     return files
+
+
+def labelled_files(folder: Path, names: Sequence[str] = (), num_classes: Optional[int] = None
+                   ) -> Tuple[List[Path], np.ndarray]:
+    """The images of a labelled folder ``DIR/<class name or index>/<image>`` (sorted, recursive) and their
+    class indices: a folder named like one of ``names`` is that class, a number is the class index."""
+    files = image_files(folder, "labelled folder")
+    labels = []
+    for f in files:
+        cls = f.parent.name
+        if cls in names:
+            labels.append(list(names).index(cls))
+        elif cls.isdigit():
+            labels.append(int(cls))
+        else:
+            known = f" ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''})" if names else ""
+            raise CalibrationDataError(f"{f}: its folder {cls!r} is neither one of the model's class names{known} nor a "
+                                       "class index: arrange the images as DIR/<class name or index>/<image>")
+        if num_classes is not None and labels[-1] >= num_classes:
+            raise CalibrationDataError(f"{f}: class index {labels[-1]} is out of range for a model with {num_classes} "
+                                       "classes")
+    return files, np.asarray(labels, dtype=np.int64)
 
 
 def folder_batches(folder: Path, spec: Dict, samples: int, batch: int = 8, min_samples: int = 1) -> Iterator[np.ndarray]:

@@ -94,18 +94,28 @@ def photo_patches_split(train_per_class: int = 48, test_per_class: int = 16, siz
                         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
                         sources: Sequence[str] = SOURCES) -> Tuple[Split, Split]:
     """(train, test) Splits; ``raw`` holds the uint8 RGB crops [M, size, size, 3] for writing image files."""
-    splits = []
-    for part, per_class in ((0, train_per_class), (1, test_per_class)):
-        rng = np.random.default_rng([seed, part])
-        raws: List[np.ndarray] = []
-        labels: List[int] = []
-        for label, name in enumerate(sources):
-            region = regions(source_rgb(name))[part]
-            raws.append(random_crops(region, per_class, size, rng))
-            labels += [label] * per_class
-        raw = np.concatenate(raws)
-        splits.append(Split(normalise(raw, mean, std), torch.tensor(labels, dtype=torch.int64), raw))
-    return splits[0], splits[1]
+    return (photo_patches_part(0, train_per_class, size, seed, mean, std, sources),
+            photo_patches_part(1, test_per_class, size, seed, mean, std, sources))
+
+
+def photo_patches_part(part: int, per_class: int, size: int = 224, seed: int = 0,
+                       mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                       sources: Sequence[str] = SOURCES) -> Split:
+    """One split alone: ``part`` 0 = training crops, 1 = held-out crops (each split has its own random
+    stream, so the held-out crops do not depend on how many training crops were drawn)."""
+    if part not in (0, 1):
+        raise ValueError(f"part must be 0 (training) or 1 (held out), not {part}")
+    if per_class < 1:
+        raise ValueError(f"per_class must be at least 1, not {per_class}")
+    rng = np.random.default_rng([seed, part])
+    raws: List[np.ndarray] = []
+    labels: List[int] = []
+    for label, name in enumerate(sources):
+        region = regions(source_rgb(name))[part]
+        raws.append(random_crops(region, per_class, size, rng))
+        labels += [label] * per_class
+    raw = np.concatenate(raws)
+    return Split(normalise(raw, mean, std), torch.tensor(labels, dtype=torch.int64), raw)
 
 
 def write_photo_folder(split: Split, out_dir, per_class: int = 0, sources: Sequence[str] = SOURCES):

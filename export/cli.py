@@ -16,7 +16,7 @@ import onnx
 import torch
 
 import clustervig
-from clustervig.checkpoint import CheckpointError
+from clustervig.checkpoint import CheckpointError, read_checkpoint
 from clustervig.checkpoint import build_model as build_checked_model
 from clustervig.cliutil import CTX, Terminated, check_output_dir, check_output_file, existing_file, signals_deferred, \
     terminate_as_interrupt
@@ -38,6 +38,7 @@ from .triton import BACKENDS as TRITON_BACKENDS, write_triton_repo
 from .trt_compat import check_tensorrt_ops
 from .trt_build import TensorRTUnavailable, build_command_hint, build_engine, tensorrt_module
 from .validate import in_graph_normalization, validate as run_validation  # `validate` is the --validate flag in main
+from .validate_sets import LabelledSet, ValidateSetError, check_validate_set, load_validate_set
 
 MIN_CALIB_SAMPLES = 8
 # --capacity auto: the smallest capacity without overflow on the measured images, times this margin (unseen
@@ -52,6 +53,7 @@ Examples:
   cvig-export --checkpoint clustervig/weights/cvig_digits.pth --dynamic-batch 1:32:256 --fp16 -o out/
   cvig-export --model cvig_b_hr --knn padded --capacity 200 --checkpoint b_hr.pth -o out/
   cvig-export --model cvig_b_hr --knn padded --capacity auto --checkpoint b_hr.pth -o out/   # P from the images
+  cvig-export --checkpoint clustervig/weights/cvig_photos.pth --fp16 --validate-set photo-patches -o out/
 
 \b
 Writes into OUT: model_fp32.onnx, model_fp16.onnx (with --fp16), model_*.plan
@@ -69,9 +71,22 @@ Validation gates (--gate KEY=VALUE, VALUE a number or 'off'; defaults):
   fp16.cosine=0.9    fp16.top1=off   FP16 (ORT and per-op FP16 rounding) vs FP32
   int8.cosine=off    int8.top1=off   INT8 vs FP32
   plugins.cosine=0.9999 plugins.top1=1  plugin graph vs FP32
+  fp32.accuracy_drop=0.005 fp16.accuracy_drop=0.01 int8.accuracy_drop=off
+  plugins.accuracy_drop=0.005          on a --validate-set only (below)
 Every artifact must also give finite logits. cosine is the worst image's
 logit cosine, top1 the top-1 agreement, on each input set. Without
 --checkpoint (random weights) fp16 and int8 check finiteness only.
+
+\b
+Labelled validation (--validate-set): also run PyTorch and every artifact on
+held-out images with known classes and record each one's top-1 accuracy in
+report.json ("validation" -> "accuracy") and the summary, beside the usual
+comparisons on that set. That set is gated by accuracy: an artifact's top-1
+accuracy may fall at most accuracy_drop (a fraction) below its reference's
+(FP32: PyTorch; FP16, INT8, plugins: FP32). SET is digits (scikit-learn's
+held-out digits), photo-patches (clustervig.photo_data's held-out crops; both
+drawn as the checkpoint's training recipe drew its split) or a folder
+DIR/<class name or index>/<image>.
 """
 
 
@@ -103,6 +118,43 @@ def validation_inputs(model, batch: BatchSpec, samples: int) -> Dict[str, torch.
     g = torch.Generator().manual_seed(0)
     size = model.cfg.img_size
     return {"photos": photos.repeat(reps, 1, 1, 1)[:n], "random": torch.randn(n, 3, size, size, generator=g)}
+
+
+def labelled_set(model, checkpoint: Optional[Path], spec: str, limit: int, bspec: BatchSpec) -> LabelledSet:
+    """--validate-set's images for this model (the built-in splits as the checkpoint's recipe drew them)."""
+    recipe = None
+    if checkpoint is not None:
+        try:
+            recipe = read_checkpoint(checkpoint).get("recipe")
+        except CheckpointError:
+            recipe = None  # build_model read it already; a plain state_dict file has no recipe
+    try:
+        return load_validate_set(spec, model.cfg, recipe if isinstance(recipe, dict) else None, limit,
+                                 1 if bspec.dynamic else bspec.opt)
+    except ValidateSetError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def validation_chunk(bspec: BatchSpec, target: int = 32) -> int:
+    """Images per validation run: a multiple of a static batch; within a dynamic range."""
+    if not bspec.dynamic:
+        return bspec.opt * max(1, target // bspec.opt)
+    return max(bspec.min, min(bspec.max, target))
+
+
+class ValidationProgress:
+    """One line per input set that takes long (more than 64 images): at each quarter of its runs."""
+
+    def __init__(self) -> None:
+        self.shown: Dict[str, int] = {}
+
+    def __call__(self, set_name: str, done: int, total: int) -> None:
+        if total <= 64 * 4:  # a set of up to 64 images through PyTorch + three graphs passes quickly
+            return
+        quarter = 4 * done // total
+        if quarter > self.shown.get(set_name, 0):
+            self.shown[set_name] = quarter
+            click.echo(f"      {set_name}: {done}/{total} image runs (PyTorch + each artifact)", err=True)
 
 
 def parse_islands(text: str) -> List[str]:
@@ -174,6 +226,11 @@ def parse_islands(text: str) -> List[str]:
                    "Default: onnxruntime, plus tensorrt when an engine is built.")
 @click.option("--validate/--no-validate", default=True, help="Compare every artifact with PyTorch.")
 @click.option("--samples", type=click.IntRange(min=1), default=4, help="Images per validation input set (dynamic batch).")
+@click.option("--validate-set", "validate_set", default=None, metavar="SET|DIR",
+              help="Also measure top-1 accuracy of PyTorch and every artifact on labelled held-out images: digits, "
+                   "photo-patches, or a folder DIR/<class name or index>/<image>.")
+@click.option("--validate-images", type=click.IntRange(min=0), default=256, show_default=True,
+              help="Images of --validate-set used (0: all), the first in round-robin class order.")
 @click.option("--gate", "gate_specs", multiple=True, metavar="KEY=VALUE",
               help="Override a validation gate, e.g. --gate fp16.cosine=0.98 or --gate fp16.top1=1 (repeatable; "
                    f"keys: {', '.join(DEFAULT_GATES)}).")
@@ -184,7 +241,7 @@ def parse_islands(text: str) -> List[str]:
 def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, fp16, fp16_io, fp32_islands, int8, calib_dir,
          calib_method, int8_backend, calib_samples, opset, knn,
          capacity, normalize_in_graph, simplify, plugins, engine, plugins_lib, workspace, tf32, timing_cache, triton_repo,
-         triton_backends, validate, samples, out, gate_specs, no_gates):
+         triton_backends, validate, samples, validate_set, validate_images, out, gate_specs, no_gates):
     """Export a ClusterViG checkpoint to ONNX (FP32, optionally FP16/INT8/plugin graph), validate every
     artifact against PyTorch, and build TensorRT engines where TensorRT is installed."""
     # every argument, input and output path is checked here, before any long work
@@ -229,6 +286,13 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
         gate_overrides = parse_gates(gate_specs)
     except GateError as exc:
         raise click.BadParameter(str(exc), param_hint="--gate") from None
+    if validate_set is not None:
+        if not validate:
+            raise click.UsageError("--validate-set measures the artifacts on labelled images: drop --no-validate")
+        try:
+            check_validate_set(validate_set)
+        except ValidateSetError as exc:
+            raise click.BadParameter(str(exc), param_hint="--validate-set") from None
     check_output_dir(out, "-o/--output")
     check_output_dir(triton_repo, "--triton-repo")
     check_output_file(timing_cache, "--timing-cache")
@@ -245,7 +309,7 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
         with terminate_as_interrupt():
             _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io, islands, int8, calib_dir, calib_files,
                     calib_method, int8_backend, opset, knn, capacity, normalize_in_graph, simplify, plugins, engine, plugins_lib, workspace,
-                    tf32, timing_cache, triton_repo, list(triton_backends) or None, validate, samples, Path(out),
+                    tf32, timing_cache, triton_repo, list(triton_backends) or None, validate, samples, validate_set, validate_images, Path(out),
                     gate_overrides, no_gates, earlier)
     except BaseException as exc:
         if created and Path(out).is_dir() and not any(Path(out).iterdir()):
@@ -285,7 +349,7 @@ def _inside(path: Path, folder: Path) -> Optional[Path]:
 
 def _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io, islands, int8, calib_dir, calib_files,
             calib_method, int8_backend, opset, knn, capacity, normalize_in_graph, simplify, plugins, engine, plugins_lib, workspace, tf32,
-            timing_cache, triton_repo, triton_backends, validate, samples, out: Path, gate_overrides, no_gates,
+            timing_cache, triton_repo, triton_backends, validate, samples, validate_set, validate_images, out: Path, gate_overrides, no_gates,
             earlier) -> None:
     n_steps = 3 + int(fp16) + int(validate) + int(plugins) + int(int8)
     step = 0
@@ -306,7 +370,10 @@ def _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io
         calibrate_batchnorm(model, [sample_photographs(transform_spec(model.cfg))])
     spec = transform_spec(model.cfg)
     capacity_info = resolve_capacity(model, capacity, inputs, calib_files)
-    timings["build_model"] = _done(t, f"{model.cfg.name}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params")
+    labelled = labelled_set(model, checkpoint, validate_set, validate_images, bspec) if validate_set else None
+    timings["build_model"] = _done(t, f"{model.cfg.name}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params"
+                                      + (f"; --validate-set {labelled.name}: {len(labelled.labels)} of {labelled.available} "
+                                         "labelled images" if labelled else ""))
 
     out.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".cvig-export-", dir=out))
@@ -402,8 +469,16 @@ def _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io
         }
         if validate:
             step += 1
-            t = _step(step, n_steps, "validating against the PyTorch static form (photos + random inputs)")
-            report["validation"] = run_validation(model, artifacts, inputs)
+            sets = dict(inputs)
+            if labelled is not None:  # validation only: range analysis and capacity never see the held-out images
+                sets[labelled.name] = labelled.images
+            t = _step(step, n_steps, "validating against the PyTorch static form (" + " + ".join(
+                [f"{k} {len(v)}" for k, v in sets.items()]) + " images)")
+            report["validation"] = run_validation(model, artifacts, sets, chunk=validation_chunk(bspec),
+                                                  labels={labelled.name: labelled.labels} if labelled else None,
+                                                  progress=ValidationProgress())
+            if labelled is not None:
+                report["validation"]["labelled_set"] = labelled.describe()
             timings["validate"] = _done(t)
             gates = effective_gates(gate_overrides, random_weights=checkpoint is None)
             results = check_gates(report["validation"], gates)
@@ -720,19 +795,25 @@ def summary_table(report: Dict) -> str:
         for g in gates.get("results", []):
             key = (g["inputs"], g["comparison"])
             verdict[key] = verdict.get(key, True) and g["passed"]
-        lines += ["", f"{'inputs':<8} {'comparison':<22} {'max|Δ|':>9} {'cos min':>10} {'top1':>8} {'labels':>8} "
+        width = max([8] + [len(k) for k in val["results"]])
+        lines += ["", f"{'inputs':<{width}} {'comparison':<22} {'max|Δ|':>9} {'cos min':>10} {'top1':>8} {'labels':>8} "
                       f"{'neighb.':>8} {'gate':>5}"]
         for set_name, res in val["results"].items():
             for cmp_name, r in res.items():
                 lab = fmt_fraction(r["label_agreement"]) if "label_agreement" in r else "-"
                 nb = fmt_fraction(r["neighbor_agreement"]) if "neighbor_agreement" in r else "-"
                 v = verdict.get((set_name, cmp_name))
-                lines.append(f"{set_name:<8} {cmp_name:<22} {r['max_abs_diff']:>9.2e} {fmt_cosine(r['cosine_min']):>10} "
+                lines.append(f"{set_name:<{width}} {cmp_name:<22} {r['max_abs_diff']:>9.2e} {fmt_cosine(r['cosine_min']):>10} "
                              f"{fmt_fraction(r['top1_agreement'], 0):>8} {lab:>8} {nb:>8} "
                              f"{'-' if v is None else 'ok' if v else 'FAIL':>5}")
+    if val and val.get("accuracy"):
+        lines.append("")
+        for set_name, acc in val["accuracy"].items():
+            lines.append(f"top-1 accuracy on {set_name} ({acc['images']} labelled images): "
+                         + ", ".join(f"{k} {fmt_fraction(v)}" for k, v in acc["top1"].items()))
     if gates:
         lines.append("")
-        lines.append(_gates_line(gates, report["artifacts"]))
+        lines.append(_gates_line(gates, report["artifacts"], bool(val and val.get("accuracy"))))
     t = report["timings_s"]
     lines.append("")
     lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
@@ -756,13 +837,16 @@ def _range_analysis_lines(ra: Dict, listed: int = 12) -> str:
     return head + ", nodes per module (each node in report.json):\n  " + ", ".join(f"{sc} {n}" for sc, n in scopes.items())
 
 
-def _gates_line(gates: Dict, artifacts: Dict) -> str:
+def _gates_line(gates: Dict, artifacts: Dict, labelled: bool = False) -> str:
     if "thresholds" not in gates:
         return f"gates: not checked ({gates.get('why', '')})"
     parts = []
     for art in (a for a in ("fp32", "fp16", "int8", "plugins") if a in artifacts):
         th = [f"{m}>={fmt_fraction(g['threshold']) if m == 'top1' else g['threshold']}"
               for m in ("cosine", "top1") for g in [gates["thresholds"][f"{art}.{m}"]] if g["threshold"] is not None]
+        drop = gates["thresholds"].get(f"{art}.accuracy_drop", {}).get("threshold")
+        if labelled and drop is not None:
+            th.append(f"accuracy drop<={drop * 100:g} pt")
         rnd = any(gates["thresholds"][f"{art}.{m}"]["source"].startswith("random") for m in ("cosine", "top1"))
         parts.append(f"{art} finite{''.join(' ' + x for x in th)}{' (random weights)' if rnd else ''}")
     n_fail = len(gates["failed"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import onnx
@@ -205,9 +205,34 @@ def compare(ref: Dict[str, np.ndarray], out: Dict[str, np.ndarray]) -> Dict:
     return res
 
 
+def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((np.asarray(logits).argmax(1) == np.asarray(labels)).mean())
+
+
+def _in_chunks(fn: Callable[[torch.Tensor], Dict[str, np.ndarray]], x: torch.Tensor, chunk: Optional[int],
+               done: Optional[Callable[[int], None]] = None) -> Dict[str, np.ndarray]:
+    if not chunk or len(x) <= chunk:
+        res = fn(x)
+        if done:
+            done(len(x))
+        return res
+    parts = []
+    for i in range(0, len(x), chunk):
+        parts.append(fn(x[i : i + chunk]))
+        if done:
+            done(len(parts[-1]["logits"]))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 def validate(model: ClusterViG, artifacts: Dict[str, Path], inputs: Dict[str, torch.Tensor],
-             batch_limit: Optional[int] = None, emulate_fp16_rounding: bool = True) -> Dict:
-    """Compare every artifact with PyTorch (and FP16 with FP32) on every named input set."""
+             batch_limit: Optional[int] = None, emulate_fp16_rounding: bool = True,
+             labels: Optional[Dict[str, np.ndarray]] = None, chunk: Optional[int] = None,
+             progress: Optional[Callable[[str, int, int], None]] = None) -> Dict:
+    """Compare every artifact with PyTorch (and FP16 with FP32) on every named input set.
+
+    ``labels`` (set name -> class per image) adds each model's top-1 accuracy on that set under
+    ``"accuracy"``; ``chunk`` runs a set that many images at a time (a multiple of a static batch);
+    ``progress(set, images done, images)`` is called after each chunk of every runner."""
     t0 = time.perf_counter()
     runners = {name: OrtModel(path) for name, path in artifacts.items()}
     if emulate_fp16_rounding and "fp16" in runners:
@@ -215,14 +240,29 @@ def validate(model: ClusterViG, artifacts: Dict[str, Path], inputs: Dict[str, to
         # fp16_emulate): the emulation shows the FP16 error a GPU would see
         runners["fp16-emulated"] = OrtModel(emulate_fp16(onnx.load(str(artifacts["fp16"]))))
     results: Dict = {}
+    accuracy: Dict = {}
     for set_name, x in inputs.items():
         if batch_limit:
             x = x[:batch_limit]
-        ref = torch_outputs(model, x)
-        outs = {name: r.run(x.numpy()) for name, r in runners.items()}
+        total, count = len(x) * (1 + len(runners)), [0]
+
+        def done(n: int, set_name=set_name, total=total) -> None:
+            count[0] += n
+            if progress:
+                progress(set_name, count[0], total)
+
+        ref = _in_chunks(lambda c: torch_outputs(model, c), x, chunk, done)
+        outs = {name: _in_chunks(lambda c, r=r: r.run(c.numpy()), x, chunk, done) for name, r in runners.items()}
         results[set_name] = {f"{name} vs pytorch": compare(ref, o) for name, o in outs.items() if name != "fp16-emulated"}
         for other in ("fp16", "fp16-emulated", "int8", "plugins"):
             if other in outs and "fp32" in outs:
                 results[set_name][f"{other} vs fp32"] = compare(outs["fp32"], outs[other])
-    return {"inputs": {k: list(v.shape) for k, v in inputs.items()}, "results": results,
-            "validation_seconds": time.perf_counter() - t0}
+        if labels and set_name in labels:
+            y = np.asarray(labels[set_name])[: len(x)]
+            accuracy[set_name] = {"images": int(len(y)), "top1": {"pytorch": top1_accuracy(ref["logits"], y),
+                                                                   **{n: top1_accuracy(o["logits"], y) for n, o in outs.items()}}}
+    out = {"inputs": {k: list(v.shape) for k, v in inputs.items()}, "results": results}
+    if accuracy:
+        out["accuracy"] = accuracy
+    out["validation_seconds"] = time.perf_counter() - t0
+    return out

@@ -1,0 +1,148 @@
+"""cvig export --validate-set: labelled held-out images, top-1 accuracy of every artifact in the report, accuracy gates."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+import clustervig
+from clustervig.data import digits_split, write_image_folder
+from clustervig.export.cli import main as export_main, summary_table
+from clustervig.export.gates import check_gates, effective_gates
+from clustervig.export.validate_sets import ValidateSetError, load_validate_set, round_robin
+from clustervig.photo_data import SOURCES, photo_patches_split
+from clustervig.train import WEIGHTS_DIR
+
+DIGITS = WEIGHTS_DIR / "cvig_digits.pth"
+
+
+def test_round_robin_takes_each_class_in_turn():
+    labels = np.array([2, 0, 0, 1, 2, 0, 1, 2, 2])
+    order = round_robin(labels)
+    assert sorted(order.tolist()) == list(range(len(labels)))
+    # brute force: the i-th image of each class (in set order) comes before any (i+1)-th, classes ascending
+    seen = {}
+    expected = []
+    for i, c in enumerate(labels):
+        expected.append((seen.get(c, 0), c, i))
+        seen[c] = seen.get(c, 0) + 1
+    assert order.tolist() == [i for _, _, i in sorted(expected)]
+    assert labels[order[:3]].tolist() == [0, 1, 2]
+
+
+def test_builtin_sets_are_the_recipes_held_out_splits():
+    cfg = clustervig.get_config("cvig_digits")
+    s = load_validate_set("digits", cfg, {"split_seed": 0, "test_size": 0.2}, limit=30, multiple=4)
+    assert len(s.labels) == 28 and s.available == 360  # a multiple of the static batch
+    _, test = digits_split(cfg.img_size, cfg.mean, cfg.std, 0.2, 0)
+    y = test.labels.numpy()
+    pick = np.sort(round_robin(y)[:28])
+    assert np.array_equal(s.labels, y[pick]) and torch.equal(s.images, test.images[pick])
+    assert np.bincount(s.labels, minlength=10).min() >= 2  # every class in a slice of 28
+
+    cfg = clustervig.get_config("cvig_photos")
+    s = load_validate_set("photo-patches", cfg, {"data_seed": 3, "test_per_class": 2}, limit=0)
+    _, test = photo_patches_split(1, 2, cfg.img_size, 3, cfg.mean, cfg.std)
+    assert np.array_equal(s.labels, test.labels.numpy()) and torch.equal(s.images, test.images)
+    assert s.describe() == {"name": "photo-patches", "source": s.source, "images": 32, "available": 32, "classes": 16}
+
+
+def test_sets_that_do_not_fit_the_model_are_refused(tmp_path):
+    with pytest.raises(ValidateSetError, match=r"photo-patches scores 16 classes.*cvig_digits has 10 classes"):
+        load_validate_set("photo-patches", clustervig.get_config("cvig_digits"))
+    with pytest.raises(ValidateSetError, match="digits scores 10 classes"):
+        load_validate_set("digits", clustervig.get_config("cvig_photos"))
+    with pytest.raises(ValidateSetError, match="fewer than one batch of 8"):
+        load_validate_set("digits", clustervig.get_config("cvig_digits"), limit=5, multiple=8)
+    _, test = digits_split()
+    write_image_folder(test, tmp_path / "f", per_class=1)
+    (tmp_path / "f" / "3").rename(tmp_path / "f" / "three")
+    with pytest.raises(ValidateSetError, match="'three' is neither one of the model's class names"):
+        load_validate_set(str(tmp_path / "f"), clustervig.get_config("cvig_digits"))
+    write_image_folder(test, tmp_path / "g", per_class=1)
+    (tmp_path / "g" / "9").rename(tmp_path / "g" / "12")
+    with pytest.raises(ValidateSetError, match="class index 12 is out of range for a model with 10 classes"):
+        load_validate_set(str(tmp_path / "g"), clustervig.get_config("cvig_digits"))
+
+
+def test_a_folder_reads_class_names_and_indices(tmp_path):
+    cfg = clustervig.get_config("cvig_photos")
+    _, test = photo_patches_split(1, 1, 64, 1)
+    write_image_folder(test, tmp_path / "f", names=[SOURCES[i] if i % 2 else str(i) for i in range(16)])
+    s = load_validate_set(str(tmp_path / "f"), cfg)
+    assert s.name == "labelled" and s.available == 16
+    assert sorted(s.labels.tolist()) == list(range(16))
+    assert s.images.shape == (16, 3, 224, 224)  # the model's own preprocessing (64-px crops resized)
+
+
+@pytest.fixture(scope="module")
+def digits_export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vs") / "out"
+    res = CliRunner().invoke(export_main, ["--checkpoint", str(DIGITS), "--fp16", "--batch", "4", "--validate-set", "digits",
+                                           "--validate-images", "42", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    return out, res
+
+
+def test_report_records_top1_of_pytorch_and_every_artifact(digits_export):
+    out, res = digits_export
+    report = json.loads((out / "report.json").read_text())
+    val = report["validation"]
+    assert val["labelled_set"]["name"] == "digits" and val["labelled_set"]["images"] == 40  # 42 -> 10 batches of 4
+    acc = val["accuracy"]["digits"]
+    assert acc["images"] == 40 and set(acc["top1"]) == {"pytorch", "fp32", "fp16", "fp16-emulated"}
+    # independent: the same 40 scans through the checkpoint in PyTorch and the published FP32 graph in ORT
+    model = clustervig.create_model("cvig_digits", pretrained=DIGITS).eval()
+    _, test = digits_split(model.cfg.img_size, model.cfg.mean, model.cfg.std)
+    y = test.labels.numpy()
+    pick = np.sort(round_robin(y)[:40])
+    x, y = test.images[pick], y[pick]
+    with torch.no_grad():
+        want = float((model(x).argmax(1).numpy() == y).mean())
+    assert acc["top1"]["pytorch"] == pytest.approx(want, abs=1e-12)
+    sess = ort.InferenceSession(str(out / "model_fp32.onnx"), providers=["CPUExecutionProvider"])
+    logits = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x[i:i + 4].numpy()})[0] for i in range(0, 40, 4)])
+    assert acc["top1"]["fp32"] == pytest.approx(float((logits.argmax(1) == y).mean()), abs=1e-12)
+    assert acc["top1"]["pytorch"] >= 0.95  # the trained digits model (99.72 % on all 360)
+    # the labelled set is compared like the others, and judged by accuracy
+    assert val["results"]["digits"]["fp32 vs pytorch"]["images"] == 40
+    gates = {(g["gate"], g["inputs"]) for g in report["gates"]["results"]}
+    assert ("fp32.accuracy_drop", "digits") in gates and ("fp16.accuracy_drop", "digits") in gates
+    assert ("fp32.cosine", "digits") not in gates and ("fp32.cosine", "photos") in gates
+    assert "top-1 accuracy on digits (40 labelled images): pytorch" in res.output
+
+
+def test_cli_errors_name_the_fix(tmp_path):
+    run = lambda *a: CliRunner().invoke(export_main, [*a, "-o", str(tmp_path / "o")])  # noqa: E731
+    res = run("--checkpoint", str(DIGITS), "--validate-set", str(tmp_path / "nowhere"))
+    assert res.exit_code == 2 and "does not exist" in res.output and "digits, photo-patches" in res.output
+    res = run("--checkpoint", str(DIGITS), "--validate-set", "digits", "--no-validate")
+    assert res.exit_code == 2 and "drop --no-validate" in res.output
+    res = run("--checkpoint", str(DIGITS), "--validate-set", "photo-patches")
+    assert res.exit_code == 1 and "scores 16 classes" in res.output and "DIR/<class name or index>/<image>" in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_accuracy_gate_fails_on_a_drop_and_says_by_how_much():
+    r = {"max_abs_diff": 0.5, "cosine_min": 0.5, "cosine_mean": 0.9, "top1_agreement": 0.9, "images": 50, "nonfinite_images": 0}
+    validation = {"results": {"photos": {"fp16 vs fp32": dict(r)}, "labelled": {"fp16 vs fp32": dict(r), "fp32 vs pytorch": dict(r)}},
+                  "accuracy": {"labelled": {"images": 50, "top1": {"pytorch": 0.9, "fp32": 0.9, "fp16": 0.86}}}}
+    gates = effective_gates({}, random_weights=False)
+    results = check_gates(validation, gates)
+    failed = [x["reason"] for x in results if not x["passed"]]
+    # photos: the image-by-image cosine gate; labelled: only the accuracy (fp32 0 drop passes, fp16 4 points fails)
+    assert failed == ["fp16.cosine: fp16 vs fp32 on photos: cosine min 0.500000 < 0.9",
+                      "fp16.accuracy_drop: fp16 vs fp32 on labelled (50 labelled images): top-1 accuracy 86.00% is "
+                      "4.00 points below fp32's 90.00% (allowed 1)"]
+    assert effective_gates({"fp16.accuracy_drop": 0.05}, False)["fp16.accuracy_drop"]["threshold"] == 0.05
+    assert not [x for x in check_gates(validation, effective_gates({"fp16.accuracy_drop": 0.05, "fp16.cosine": None}, False))
+                if not x["passed"]]
+    report = {"artifacts": {"fp32": {"nodes": 1, "bytes": 1}, "fp16": {"nodes": 1, "bytes": 1}}, "validation": validation,
+              "timings_s": {}, "gates": {"enforced": True, "thresholds": gates, "results": results, "failed": failed}}
+    table = summary_table(report)
+    assert "top-1 accuracy on labelled (50 labelled images): pytorch 90.00%, fp32 90.00%, fp16 86.00%" in table
+    assert "accuracy drop<=1 pt" in table
