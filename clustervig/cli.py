@@ -19,6 +19,7 @@ COMMANDS: Dict[str, Tuple[str, str, str]] = {
     "profile": ("clustervig.profile", "command", "Parameters and GMACs of the variants (Table III)."),
     "train-digits": ("clustervig.train", "command", "Train the digits model on the CPU (minutes)."),
     "train-photos": ("clustervig.train", "photos_command", "Train the 224-px cvig_photos model on the CPU (~30 min)."),
+    "dataset": ("clustervig.dataset_cli", "command", "Write a split of the digits / photo-patches data as an image folder."),
     "convert": ("clustervig.convert", "command", "Checkpoint of the authors' ClusterViG code -> clustervig checkpoint."),
 }
 

@@ -19,9 +19,11 @@ _VARIANTS: Dict[str, ClusterViGConfig] = {
     ),
     # A trained model at the paper's resolution and depth (224 px, 14x14 tokens, 12 blocks, kappa 4,
     # K 9..18, G-MRGCN + GATv2), narrow enough to train on a 2-core CPU: the 16 classes of the
-    # photo-patches data set (clustervig.photo_data; `cvig train-photos`).
+    # photo-patches data set (clustervig.photo_data; `cvig train-photos`). A 224-px crop saved as PNG
+    # goes through the deployment preprocessing to exactly the tensor it was trained or tested on.
     "cvig_photos": ClusterViGConfig(
         name="cvig_photos", dim=48, depth=12, grid=14, clusters=4, groups=1, head_dim=128, num_classes=16,
+        crop_pct=1.0, interpolation="bilinear",  # its crops are 224-px images already: read as trained, uncropped
         class_names=("astronaut", "brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel",
                      "grass", "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "retina", "rocket"),
     ),

@@ -16,7 +16,7 @@ from clustervig.cli import COMMANDS, cvig
 
 ENTRY_POINTS = {"export": "cvig-export", "compare": "cvig-compare", "run": "cvig-run", "bench": "cvig-bench",
                 "accuracy": "cvig-accuracy", "profile": "cvig-profile", "train-digits": "cvig-train-digits",
-                "convert": "cvig-convert", "train-photos": "cvig-train-photos"}
+                "convert": "cvig-convert", "train-photos": "cvig-train-photos", "dataset": "cvig-dataset"}
 
 
 def subcommand(name: str) -> click.Command:

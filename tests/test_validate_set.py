@@ -79,6 +79,20 @@ def test_a_folder_reads_class_names_and_indices(tmp_path):
     assert s.images.shape == (16, 3, 224, 224)  # the model's own preprocessing (64-px crops resized)
 
 
+def test_held_out_crops_saved_as_png_read_back_as_the_same_tensors(tmp_path):
+    # cvig_photos' deployment preprocessing (crop_pct 1, bilinear) turns a 224-px crop file into exactly the
+    # tensor it was trained / tested on: a folder of the held-out crops is the built-in set
+    from clustervig.photo_data import write_photo_folder
+
+    model = clustervig.create_model("cvig_photos", pretrained=WEIGHTS_DIR / "cvig_photos.pth")
+    cfg = model.cfg
+    assert (cfg.crop_pct, cfg.interpolation) == (1.0, "bilinear")
+    builtin = load_validate_set("photo-patches", cfg, {"data_seed": 5, "test_per_class": 1})
+    _, test = photo_patches_split(1, 1, cfg.img_size, 5, cfg.mean, cfg.std)
+    folder = load_validate_set(str(write_photo_folder(test, tmp_path / "f")), cfg)
+    assert np.array_equal(folder.labels, builtin.labels) and torch.equal(folder.images, builtin.images)
+
+
 @pytest.fixture(scope="module")
 def digits_export(tmp_path_factory):
     out = tmp_path_factory.mktemp("vs") / "out"
@@ -146,3 +160,23 @@ def test_accuracy_gate_fails_on_a_drop_and_says_by_how_much():
     table = summary_table(report)
     assert "top-1 accuracy on labelled (50 labelled images): pytorch 90.00%, fp32 90.00%, fp16 86.00%" in table
     assert "accuracy drop<=1 pt" in table
+
+
+def test_dataset_command_writes_the_recipes_splits(tmp_path):
+    from clustervig.cli import cvig
+
+    res = CliRunner().invoke(cvig, ["dataset", "digits", "--split", "test", "--per-class", "2", "-o", str(tmp_path / "d")])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [str(i) for i in range(10)]
+    s = load_validate_set(str(tmp_path / "d"), clustervig.get_config("cvig_digits"))
+    _, test = digits_split()
+    y = test.labels.numpy()
+    first2 = np.sort(np.concatenate([np.flatnonzero(y == c)[:2] for c in range(10)]))
+    # written from the raw 8x8 scans, read back through the model's own preprocessing (the same 32-px upsampling)
+    assert np.array_equal(np.sort(s.labels), np.sort(y[first2]))
+    assert torch.allclose(s.images[np.argsort(s.labels, kind="stable")], test.images[first2][np.argsort(y[first2], kind="stable")],
+                          atol=1e-6)
+    # refused: a non-empty folder; nothing half-written when it fails
+    res = CliRunner().invoke(cvig, ["dataset", "digits", "--split", "test", "-o", str(tmp_path / "d")])
+    assert res.exit_code == 2 and "not empty" in res.output
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
