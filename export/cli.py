@@ -38,7 +38,7 @@ from .triton import BACKENDS as TRITON_BACKENDS, write_triton_repo
 from .trt_compat import check_tensorrt_ops
 from .trt_build import TensorRTUnavailable, build_command_hint, build_engine, tensorrt_module
 from .validate import in_graph_normalization, validate as run_validation  # `validate` is the --validate flag in main
-from .validate_sets import LabelledSet, ValidateSetError, check_validate_set, load_validate_set
+from .validate_sets import LabelledSet, ValidateSetError, check_validate_set, load_validate_set, model_class_names
 
 MIN_CALIB_SAMPLES = 8
 # --capacity auto: the smallest capacity without overflow on the measured images, times this margin (unseen
@@ -753,11 +753,7 @@ def _op_counts(g: onnx.ModelProto) -> Dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-def _class_names(cfg) -> Optional[List[str]]:
-    """Recorded class names, else the ImageNet-1k names for a 1000-class model, else None."""
-    from clustervig.runtime.classify import imagenet1k_names
-
-    return list(cfg.class_names) if cfg.class_names else (imagenet1k_names() if cfg.num_classes == 1000 else None)
+_class_names = model_class_names  # recorded names, else ImageNet-1k for 1000 classes, else None
 
 
 def write_sidecars(stage: Path, names: Optional[List[str]], metas: Dict[str, Dict[str, str]]) -> List[Path]:

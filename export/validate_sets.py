@@ -22,7 +22,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from clustervig.calib.data import CalibrationDataError, labelled_files
+from clustervig.calib.data import CalibrationDataError, image_files, labelled_files
 from clustervig.preprocess import ImageError, load_batch, transform_spec
 
 BUILTIN_SETS = {
@@ -54,7 +54,7 @@ def check_validate_set(spec: str) -> None:
     if spec in BUILTIN_SETS:
         return
     try:
-        labelled_files(Path(spec))
+        image_files(Path(spec), "labelled folder")  # the class folders are checked against the model once it is built
     except CalibrationDataError as exc:
         raise ValidateSetError(f"--validate-set {spec}: {exc}; or name a built-in set: "
                                f"{', '.join(BUILTIN_SETS)}") from None
@@ -81,8 +81,16 @@ def _chosen(labels: np.ndarray, limit: int, multiple: int) -> np.ndarray:
     return np.sort(order[:n])  # the set's own order: class by class, as its files are sorted
 
 
+def model_class_names(cfg) -> Optional[List[str]]:
+    """Recorded class names, else the ImageNet-1k names for a 1000-class model, else None (labels.txt and
+    the folder names of a labelled set follow the same rule)."""
+    from clustervig.runtime.classify import imagenet1k_names
+
+    return list(cfg.class_names) if cfg.class_names else (imagenet1k_names() if cfg.num_classes == 1000 else None)
+
+
 def _class_names(cfg) -> List[str]:
-    return list(cfg.class_names or [])
+    return model_class_names(cfg) or []
 
 
 def _require_classes(set_name: str, cfg, want: Sequence[str]) -> List[int]:

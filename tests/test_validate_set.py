@@ -130,6 +130,44 @@ def test_report_records_top1_of_pytorch_and_every_artifact(digits_export):
     assert "top-1 accuracy on digits (40 labelled images): pytorch" in res.output
 
 
+def test_cli_reads_a_folder_of_class_names(tmp_path):
+    # a folder named by class names passes the early check (the names are known once the model is built)
+    from clustervig.export.validate_sets import check_validate_set
+
+    _, test = digits_split()
+    folder = write_image_folder(test, tmp_path / "d", per_class=1, names=[f"n{i}" for i in range(10)])
+    check_validate_set(str(folder))
+    res = CliRunner().invoke(export_main, ["--checkpoint", str(DIGITS), "--validate-set", str(folder), "--no-engine",
+                                           "-o", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "'n0' is neither one of the model's class names (0, 1, 2" in res.output
+
+
+def test_cli_folder_of_imagenet_names_on_a_1000_class_model(tmp_path):
+    # a 1000-class model without recorded names: folders are ImageNet-1k names (as labels.txt), or indices
+    from PIL import Image
+
+    from clustervig.preprocess import load_batch, transform_spec
+
+    rng = np.random.default_rng(0)
+    for cls, n in (("tench", 2), ("goldfish", 1), ("207", 1)):
+        (tmp_path / "f" / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "f" / cls / f"{i}.png")
+    torch.manual_seed(0)
+    model = clustervig.create_model("cvig_nano").eval()
+    ck = clustervig.save_checkpoint(model, tmp_path / "nano.pth")
+    res = CliRunner().invoke(export_main, ["--checkpoint", str(ck), "--validate-set", str(tmp_path / "f"), "--validate-images",
+                                           "0", "--no-engine", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    val = json.loads((tmp_path / "o" / "report.json").read_text())["validation"]
+    files = sorted((tmp_path / "f").rglob("*.png"))
+    y = np.array([{"207": 207, "goldfish": 1, "tench": 0}[f.parent.name] for f in files])
+    with torch.no_grad():
+        want = float((model(load_batch(files, transform_spec(model.cfg))).argmax(1).numpy() == y).mean())
+    assert val["labelled_set"]["images"] == 4 and val["labelled_set"]["classes"] == 3
+    assert val["accuracy"]["labelled"]["top1"]["pytorch"] == want
+
+
 def test_cli_errors_name_the_fix(tmp_path):
     run = lambda *a: CliRunner().invoke(export_main, [*a, "-o", str(tmp_path / "o")])  # noqa: E731
     res = run("--checkpoint", str(DIGITS), "--validate-set", str(tmp_path / "nowhere"))
