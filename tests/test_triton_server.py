@@ -215,8 +215,14 @@ def test_concurrent_clients_form_batches(served):
     for i, got in results:  # batched with other requests: equal to the image alone within float rounding
         np.testing.assert_allclose(got, np.asarray(ref[i]["logits"], np.float32), rtol=0, atol=1e-4)
         assert int(np.argmax(got)) == ref[i]["top"][0]["class"]
-    after, sizes = _batch_stats(served, NANO)
-    formed = {b: n - sizes_before.get(b, 0) for b, n in sizes.items() if n - sizes_before.get(b, 0) > 0}
+    # the server records a batch's statistics after sending its responses: poll until all 24 are counted
+    deadline = time.monotonic() + 10
+    while True:
+        after, sizes = _batch_stats(served, NANO)
+        formed = {b: n - sizes_before.get(b, 0) for b, n in sizes.items() if n - sizes_before.get(b, 0) > 0}
+        if sum(b * n for b, n in formed.items()) >= 24 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert sum(b * n for b, n in formed.items()) == 24, formed
     assert max(formed) > 1, f"no batch larger than 1 formed: {formed}"
     # the metrics port: inferences (images) exceed executions (batches)
