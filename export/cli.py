@@ -286,6 +286,9 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
         gate_overrides = parse_gates(gate_specs)
     except GateError as exc:
         raise click.BadParameter(str(exc), param_hint="--gate") from None
+    if validate_set is None and click.get_current_context().get_parameter_source("validate_images") \
+            == click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--validate-images counts the images of --validate-set: add --validate-set SET|DIR")
     if validate_set is not None:
         if not validate:
             raise click.UsageError("--validate-set measures the artifacts on labelled images: drop --no-validate")

@@ -172,6 +172,8 @@ def test_cli_errors_name_the_fix(tmp_path):
     run = lambda *a: CliRunner().invoke(export_main, [*a, "-o", str(tmp_path / "o")])  # noqa: E731
     res = run("--checkpoint", str(DIGITS), "--validate-set", str(tmp_path / "nowhere"))
     assert res.exit_code == 2 and "does not exist" in res.output and "digits, photo-patches" in res.output
+    res = run("--checkpoint", str(DIGITS), "--validate-images", "10")
+    assert res.exit_code == 2 and "add --validate-set" in res.output
     res = run("--checkpoint", str(DIGITS), "--validate-set", "digits", "--no-validate")
     assert res.exit_code == 2 and "drop --no-validate" in res.output
     res = run("--checkpoint", str(DIGITS), "--validate-set", "photo-patches")
