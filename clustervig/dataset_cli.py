@@ -28,20 +28,17 @@ def write_split(name: str, split: str, out: Path, per_class: int = 0, seed: int 
     from .registry import get_config
     from .train import PhotoRecipe, Recipe
 
+    part = 0 if split == "train" else 1
     if name == "digits":
         cfg, r = get_config("cvig_digits"), Recipe()
-        parts = digits_split(cfg.img_size, cfg.mean, cfg.std, r.test_size, seed)
+        data = digits_split(cfg.img_size, cfg.mean, cfg.std, r.test_size, seed)[part]
     elif name == "photo-patches":
         from .photo_data import photo_patches_part
 
         cfg, r = get_config("cvig_photos"), PhotoRecipe()
-        part = 0 if split == "train" else 1
-        drawn = photo_patches_part(part, r.train_per_class if part == 0 else r.test_per_class, cfg.img_size, seed,
-                                   cfg.mean, cfg.std)
-        parts = (drawn, drawn)
+        data = photo_patches_part(part, (r.train_per_class, r.test_per_class)[part], cfg.img_size, seed, cfg.mean, cfg.std)
     else:
         raise ValueError(f"unknown data set {name!r}; choose from {', '.join(SETS)}")
-    data = parts[0 if split == "train" else 1]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))

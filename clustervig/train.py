@@ -115,9 +115,15 @@ def train_digits(recipe: Recipe, out: Optional[Path] = None, log=print) -> Dict:
     background = (0.0 - cfg.mean[0]) / cfg.std[0]
     history, t0 = fit(model, recipe, train, test,
                       lambda x, gen: random_shift(x, recipe.max_shift, background, gen), log)
+    return _finish(model, recipe, history, t0, train, test, out, log,
+                   train_top1=evaluate(model, train.images, train.labels))
+
+
+def _finish(model: ClusterViG, recipe, history, t0: float, train, test, out: Optional[Path], log, **extra) -> Dict:
+    """Metrics of a finished training (``extra`` after the test top-1), the checkpoint with its recipe."""
     metrics = {
         "test_top1": history[-1]["test_top1"],
-        "train_top1": evaluate(model, train.images, train.labels),
+        **extra,
         "train_seconds": time.perf_counter() - t0,
         "train_images": len(train.images),
         "test_images": len(test.images),
@@ -161,31 +167,48 @@ def train_photos(recipe: PhotoRecipe, out: Optional[Path] = None, log=print) -> 
         return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
     history, t0 = fit(model, recipe, train, test, mirror, log, eval_batch=64)
-    metrics = {
-        "test_top1": history[-1]["test_top1"],
-        "train_seconds": time.perf_counter() - t0,
-        "train_images": len(train.images),
-        "test_images": len(test.images),
-        "torch": str(torch.__version__),
-        "threads": torch.get_num_threads(),
-    }
-    if out is not None:
-        save_checkpoint(model.eval(), out, recipe=asdict(recipe), metrics=metrics, history=history)
-        log(f"wrote {out}")
-    return {"model": model, "metrics": metrics, "history": history}
+    return _finish(model, recipe, history, t0, train, test, out, log)
 
 
-def _photos_command():
+def _train_command(name: str, recipe_cls, train, what: str, seed_help: str, doc: str, epilog: str):
+    """``cvig <name>``: a recipe's epochs, batch, lr and seed as options; the checkpoint is -o (never
+    overwritten without --force); prints the held-out top-1 at the end."""
     import click
 
     from .cliutil import CTX, check_output_file
 
-    d = PhotoRecipe()
+    d = recipe_cls()
 
-    @click.command("train-photos", context_settings=CTX, epilog="""
+    @click.command(name, context_settings=CTX, epilog=epilog, help=doc)
+    @click.option("--epochs", type=click.IntRange(min=1), default=d.epochs, help="Training epochs.")
+    @click.option("--batch", type=click.IntRange(min=1), default=d.batch, help="Images per step.")
+    @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=d.lr, help="Peak learning rate (AdamW).")
+    @click.option("--seed", type=int, default=d.seed, help=seed_help)
+    @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+                  help=f"Checkpoint to write (default: a new file {d.model}-<UTC time>.pth in the current folder).")
+    @click.option("--force", is_flag=True, help="Overwrite an existing -o file.")
+    def command(epochs, batch, lr, seed, output, force):
+        if output is None:
+            output = Path(f"{d.model}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.pth")
+        check_output_file(output, "-o/--output")  # before minutes of training
+        if output.exists() and not force:
+            raise click.BadParameter(f"{output} exists; pass --force to overwrite it or choose another path",
+                                     param_hint="-o/--output")
+        res = train(recipe_cls(epochs=epochs, batch=batch, lr=lr, seed=seed), output, log=click.echo)
+        m = res["metrics"]
+        click.echo(f"test top-1 {m['test_top1'] * 100:.2f}% on {m['test_images']} {what}, {m['train_seconds']:.0f}s")
+
+    return command
+
+
+photos_command = _train_command(
+    "train-photos", PhotoRecipe, train_photos, "held-out crops", "Seed of initialisation, shuffling and mirroring.",
+    "Train the 224-px cvig_photos model (12 blocks, 14x14 tokens) on the photo-patches data set (16 scikit-image "
+    "sources, 64 training crops each, CPU); the recipe and the measured accuracy are stored in the checkpoint.",
+    """
 \b
 Examples:
-  cvig train-photos                          # writes ./cvig_photos-<UTC time>.pth (about 25 min on 2 cores)
+  cvig train-photos                          # writes ./cvig_photos-<UTC time>.pth (about 30 min on 2 cores)
   cvig train-photos --epochs 2 -o /tmp/p.pth
   cvig export --checkpoint /tmp/p.pth --fp16 -o out/
 
@@ -193,42 +216,13 @@ Examples:
 The data set (clustervig.photo_data) is made from scikit-image's own
 images, deterministically; nothing is downloaded.
 """)
-    @click.option("--epochs", type=click.IntRange(min=1), default=d.epochs, help="Training epochs.")
-    @click.option("--batch", type=click.IntRange(min=1), default=d.batch, help="Images per step.")
-    @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=d.lr, help="Peak learning rate (AdamW).")
-    @click.option("--seed", type=int, default=d.seed, help="Seed of initialisation, shuffling and mirroring.")
-    @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-                  help="Checkpoint to write (default: a new file cvig_photos-<UTC time>.pth in the current folder).")
-    @click.option("--force", is_flag=True, help="Overwrite an existing -o file.")
-    def command(epochs, batch, lr, seed, output, force):
-        """Train the 224-px cvig_photos model (12 blocks, 14x14 tokens) on the photo-patches data set (16
-        scikit-image sources, 64 training crops each, CPU); the recipe and the measured accuracy are stored
-        in the checkpoint."""
-        if output is None:
-            output = Path(f"cvig_photos-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.pth")
-        check_output_file(output, "-o/--output")  # before the training
-        if output.exists() and not force:
-            raise click.BadParameter(f"{output} exists; pass --force to overwrite it or choose another path",
-                                     param_hint="-o/--output")
-        res = train_photos(PhotoRecipe(epochs=epochs, batch=batch, lr=lr, seed=seed), output, log=click.echo)
-        m = res["metrics"]
-        click.echo(f"test top-1 {m['test_top1'] * 100:.2f}% on {m['test_images']} held-out crops, "
-                   f"{m['train_seconds']:.0f}s")
-
-    return command
 
 
-photos_command = _photos_command()
-
-
-def _click_command():
-    import click
-
-    from .cliutil import CTX, check_output_file
-
-    d = Recipe()
-
-    @click.command("train-digits", context_settings=CTX, epilog="""
+command = _train_command(
+    "train-digits", Recipe, train_digits, "held-out digits", "Seed of initialisation, shuffling and augmentation.",
+    "Train ClusterViG on scikit-learn's digits (1,437 training scans, CPU, minutes); the recipe and the measured "
+    "accuracy are stored in the checkpoint.",
+    """
 \b
 Examples:
   cvig-train-digits                          # writes ./cvig_digits-<UTC time>.pth
@@ -239,31 +233,6 @@ Examples:
 The shipped clustervig/weights/cvig_digits.pth is never overwritten unless
 given explicitly as -o.
 """)
-    @click.option("--epochs", type=click.IntRange(min=1), default=d.epochs, help="Training epochs.")
-    @click.option("--batch", type=click.IntRange(min=1), default=d.batch, help="Images per step.")
-    @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=d.lr, help="Peak learning rate (AdamW).")
-    @click.option("--seed", type=int, default=d.seed, help="Seed of initialisation, shuffling and augmentation.")
-    @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-                  help="Checkpoint to write (default: a new file cvig_digits-<UTC time>.pth in the current folder).")
-    @click.option("--force", is_flag=True, help="Overwrite an existing -o file.")
-    def command(epochs, batch, lr, seed, output, force):
-        """Train ClusterViG on scikit-learn's digits (1,437 training scans, CPU, minutes); the recipe and the
-        measured accuracy are stored in the checkpoint."""
-        if output is None:
-            output = Path(f"cvig_digits-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.pth")
-        check_output_file(output, "-o/--output")  # before minutes of training
-        if output.exists() and not force:
-            raise click.BadParameter(f"{output} exists; pass --force to overwrite it or choose another path",
-                                     param_hint="-o/--output")
-        res = train_digits(Recipe(epochs=epochs, batch=batch, lr=lr, seed=seed), output, log=click.echo)
-        m = res["metrics"]
-        click.echo(f"test top-1 {m['test_top1'] * 100:.2f}% on {m['test_images']} held-out digits, "
-                   f"{m['train_seconds']:.0f}s")
-
-    return command
-
-
-command = _click_command()
 
 
 def main(argv=None) -> int:
