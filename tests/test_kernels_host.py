@@ -65,10 +65,14 @@ def knn_brute(xn: np.ndarray, labels: np.ndarray, k: int):
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("b,n,c,k,seed", [
+# The case tables are shared with tests/test_kernels_simt.py, which runs them on the SIMT executor.
+KMEANS_RANDOM = [
     (3, 196, 64, 4, 0), (2, 97, 33, 6, 1), (1, 37, 640, 8, 2), (2, 784, 192, 6, 3), (1, 3136, 48, 8, 4),
     (4, 50, 7, 1, 5), (2, 9, 16, 9, 6),  # one cluster; k = N
-])
+]
+
+
+@pytest.mark.parametrize("b,n,c,k,seed", KMEANS_RANDOM)
 def test_kmeans_random_equals_reference(lib, b, n, c, k, seed):
     x = random_tokens(b, n, c, seed)
     labels, counts = K.kmeans(x, k, 20, lib=lib)
@@ -143,10 +147,13 @@ def assert_centroids(x, k, iters, empty_zero, lib, atol=1e-5):
     return labels, counts, cent
 
 
-@pytest.mark.parametrize("b,n,c,k,iters,seed", [
+KMEANS_CENTROIDS = [
     (3, 196, 64, 4, 20, 0), (2, 784, 192, 6, 20, 1), (1, 37, 640, 8, 20, 2), (2, 97, 33, 6, 0, 3),
     (2, 50, 7, 1, 20, 4), (1, 50, 7, 1, 0, 5), (2, 9, 16, 9, 3, 6),  # one cluster (with and without updates); k = N
-])
+]
+
+
+@pytest.mark.parametrize("b,n,c,k,iters,seed", KMEANS_CENTROIDS)
 @pytest.mark.parametrize("empty_zero", [True, False])
 def test_kmeans_centroids_equal_reference(lib, b, n, c, k, iters, seed, empty_zero):
     """Labels, counts and the centroids of the last update, on centred un-normalised tokens."""
@@ -215,15 +222,21 @@ def test_kmeans_centroids_status_codes(lib):
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sizes,k", [
+KNN_SIZES = [
     ([49, 49, 49, 49], 9), ([150, 40, 5, 1], 18), ([13, 7, 1, 0], 9), ([97], 64), ([1] * 37, 9),
     ([20, 17], 1), ([3, 3, 3], 3), ([3, 3, 3], 4),
-])
+]
+
+
+def knn_case(sizes, dtype):
+    lab = labels_with_sizes(sizes, 1)
+    return random_tokens(2, lab.size, 40, 2, dtype), np.stack([lab, lab[::-1].copy()])
+
+
+@pytest.mark.parametrize("sizes,k", KNN_SIZES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_knn_equals_reference(lib, sizes, k, dtype):
-    lab = labels_with_sizes(sizes, 1)
-    labels = np.stack([lab, lab[::-1].copy()])
-    x = random_tokens(2, lab.size, 40, 2, dtype)
+    x, labels = knn_case(sizes, dtype)
     idx, valid = K.partitioned_knn(x, labels, k, lib=lib)
     ref_i, ref_v = partitioned_knn_ref(x.astype(np.float32), labels, k)
     np.testing.assert_array_equal(idx, ref_i)
@@ -277,13 +290,27 @@ def test_knn_large_against_brute_force(lib, n, c):
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-5), (np.float16, 0)])
-@pytest.mark.parametrize("b,n,c,k", [(3, 257, 48, 5), (1, 3136, 64, 8), (2, 37, 640, 8)])
-def test_segment_mean_equals_reference(lib, dtype, tol, b, n, c, k):
+SEGMENT_SHAPES = [(3, 257, 48, 5), (1, 3136, 64, 8), (2, 37, 640, 8)]
+GATHER_SHAPES = [(3, 257, 48, 11), (1, 97, 640, 1), (2, 3136, 8, 18)]
+
+
+def segment_case(b, n, c, k, dtype):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((b, n, c)).astype(dtype)
     labels = rng.integers(0, k, (b, n)).astype(np.int32)
     labels[-1] = np.minimum(labels[-1], 2)  # last image: partitions 3.. empty
+    return x, labels
+
+
+def gather_case(b, n, c, k, dtype):
+    rng = np.random.default_rng(3)
+    return rng.standard_normal((b, n, c)).astype(dtype), rng.integers(0, n, (b, n, k)).astype(np.int32)
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-5), (np.float16, 0)])
+@pytest.mark.parametrize("b,n,c,k", SEGMENT_SHAPES)
+def test_segment_mean_equals_reference(lib, dtype, tol, b, n, c, k):
+    x, labels = segment_case(b, n, c, k, dtype)
     z, counts = K.segment_mean(x, labels, k, lib=lib)
     ref_z, ref_c = segment_mean_ref(x.astype(np.float64), labels, k)
     np.testing.assert_array_equal(counts, ref_c)
@@ -295,11 +322,9 @@ def test_segment_mean_equals_reference(lib, dtype, tol, b, n, c, k):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-@pytest.mark.parametrize("b,n,c,k", [(3, 257, 48, 11), (1, 97, 640, 1), (2, 3136, 8, 18)])
+@pytest.mark.parametrize("b,n,c,k", GATHER_SHAPES)
 def test_gather_max_rel_exact(lib, dtype, b, n, c, k):
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((b, n, c)).astype(dtype)
-    idx = rng.integers(0, n, (b, n, k)).astype(np.int32)
+    x, idx = gather_case(b, n, c, k, dtype)
     out = K.gather_max_rel(x, idx, lib=lib)
     ref = gather_max_rel_ref(x.astype(np.float32), idx).astype(dtype)  # max exact, one rounding of the difference
     np.testing.assert_array_equal(out, ref)

@@ -8,6 +8,12 @@
 #include "cvig_hd.h"
 #include "cvig_kernels.h"
 
+// What cvig_kernels_backend() returns: "cuda", or "simt" when tests compile this device code for the
+// CPU's SIMT test executor (plugins/tests/simt/).
+#ifndef CVIG_BACKEND_NAME
+#define CVIG_BACKEND_NAME "cuda"
+#endif
+
 namespace cvig {
 
 // Runs a phase with the threads of one block, then a barrier. Methods are

@@ -52,7 +52,7 @@ int launch_any(const void* xn, int dtype, int B, int N, int C, int k, int iters,
 
 }  // namespace
 
-extern "C" const char* cvig_kernels_backend(void) { return "cuda"; }
+extern "C" const char* cvig_kernels_backend(void) { return CVIG_BACKEND_NAME; }
 
 extern "C" size_t cvig_kmeans_smem_bytes(int N, int C, int k) { return cvig::kmeans_smem_bytes(N, C, k); }
 

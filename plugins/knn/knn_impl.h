@@ -47,7 +47,12 @@ CVIG_HD void knn_token(const KnnImage<T>& s, int v, int lane, float* best, int* 
     for (int u = 0; u < s.N && s.K > 1; ++u) {  // K = 1: self is the only neighbour
         if (u == v || s.lab[u] != mine) continue;
         const float sim = warp_dot(xv, s.x + static_cast<size_t>(u) * s.C, s.C, lane);
-        if (filled == s.K && !(sim > best[s.K - 1])) continue;
+        const bool skip = filled == s.K && !(sim > best[s.K - 1]);
+        // Every lane has read best[K-1] before lane 0 may change it (warp_dot's shuffles order no memory):
+        // without this, a lane that reads lane 0's new list can decide differently and leave the warp's
+        // collectives out of step (found by the SIMT executor, tests/test_kernels_simt.py).
+        warp_sync();
+        if (skip) continue;  // the same decision on every lane: all read the same best[K-1]
         if (lane == 0) knn_insert(best, who, filled, s.K, sim, u);
         if (filled < s.K) ++filled;
         warp_sync();  // lane 0's list is visible to the warp before the next comparison
