@@ -1,6 +1,7 @@
 """Plugin kernels: nvcc builds them for every default architecture; numpy references agree with the model."""
 from __future__ import annotations
 
+import ctypes
 import re
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench import cuda_resources
 from clustervig.graph import kmeans, knn_masked, l2_normalize, segment_mean, gather_max
 from clustervig.plugins.reference import gather_max_rel_ref, kmeans_ref, partitioned_knn_ref, segment_mean_ref
 
@@ -25,11 +27,12 @@ def built(tmp_path_factory):
     for tool in ("cmake", "nvcc"):
         assert shutil.which(tool), f"{tool} is required to build the plugin kernels (CI installs it)"
     build = tmp_path_factory.mktemp("plugins-build")
-    cfg = subprocess.run(["cmake", "-S", str(PLUGINS), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"],
-                         capture_output=True, text=True)
+    # One Release build for every default architecture, with ptxas' resource report on (-Xptxas=-v, each
+    # command's output kept together): test_cuda_resources_of_every_kernel reads it from build.log.
+    cfg, b = cuda_resources.cmake_build(build, jobs=2)
     assert cfg.returncode == 0, cfg.stdout + cfg.stderr
-    b = subprocess.run(["cmake", "--build", str(build), "-j2"], capture_output=True, text=True)
     assert b.returncode == 0, b.stdout + b.stderr
+    (build / "build.log").write_text(b.stdout + b.stderr)
     return build, cfg.stdout
 
 
@@ -49,6 +52,37 @@ def test_kernels_build_for_every_default_arch(built):
     if elf is not None and elf.returncode == 0:
         for a in archs:
             assert f"sm_{a}" in elf.stdout
+
+
+def test_cuda_resources_of_every_kernel(built):
+    """ptxas' report of the build above (bench.cuda_resources): every kernel for every default
+    architecture; no local-memory spills in the k-means and k-NN kernels (ACCEPTED_SPILLS: none);
+    each kernel's largest launch within the architecture's register file and shared memory, the
+    k-means kernel at every registered variant's DEGC shape. `pytest -s` prints the table."""
+    build, log = built
+    archs = cuda_resources.archs_of(log)
+    records = cuda_resources.parse((build / "build.log").read_text())
+    print(f"\nnvcc {cuda_resources.nvcc_version()}: registers per thread (spills, stack, static smem)\n"
+          + cuda_resources.table(records, archs))
+    want = {(f"{k}<{d}>", a) for k in cuda_resources.KERNELS for d in cuda_resources.DTYPES for a in archs}
+    got = {(r.kernel, r.arch) for r in records}
+    assert want <= got, sorted(want - got)
+    assert len(records) == len(got)  # one record per kernel and architecture
+    assert set(archs) <= set(cuda_resources.LIMITS)  # limits known for every default architecture
+    spills = cuda_resources.unaccepted_spills(records)
+    assert spills == [], ("local-memory spills (docs/design.md, 'Kernel resources per architecture'): "
+                          + ", ".join(f"{r.kernel} {r.arch} {r.spill_stores}/{r.spill_loads} B" for r in spills))
+    problems = cuda_resources.check(records)
+    assert problems == [], "\n".join(problems)
+    # the registers the k-means kernel's 1024-thread launch can have, on every architecture
+    assert max(r.registers for r in records if r.base == "kmeans_kernel") <= 64
+    # cvig_kmeans_smem_bytes of the C ABI (host build of the same configure) is the formula checked above
+    lib = ctypes.CDLL(str(build / "libcvig_kernels_host.so"))
+    lib.cvig_kmeans_smem_bytes.argtypes = [ctypes.c_int] * 3
+    lib.cvig_kmeans_smem_bytes.restype = ctypes.c_size_t
+    for s in cuda_resources.model_shapes():
+        assert lib.cvig_kmeans_smem_bytes(s.n, s.c, s.clusters) == \
+            cuda_resources.kmeans_smem_bytes(s.n, s.c, s.clusters)
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -8,9 +8,11 @@ namespace {
 
 constexpr int kMaxThreads = 1024;
 
-// centroids: [B, k, C] in x's type, or null (labels and counts only)
+// centroids: [B, k, C] in x's type, or null (labels and counts only). One 1024-thread block per SM: without
+// the ', 1', ptxas aims at two per SM, caps the kernel at 32 registers and spills on sm_90/sm_100
+// (tests/test_plugins_build.py::test_cuda_resources_of_every_kernel).
 template <typename T>
-__global__ void __launch_bounds__(kMaxThreads) kmeans_kernel(const T* __restrict__ xn, int N, int C, int k, int iters,
+__global__ void __launch_bounds__(kMaxThreads, 1) kmeans_kernel(const T* __restrict__ xn, int N, int C, int k, int iters,
                                                              int empty_zero, int32_t* __restrict__ labels,
                                                              int32_t* __restrict__ counts, T* __restrict__ centroids) {
     extern __shared__ float smem[];
