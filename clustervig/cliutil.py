@@ -86,6 +86,43 @@ def check_output_dir(path: Optional[Path], option: str) -> Optional[Path]:
 write_json = write_json_atomic  # the commands' JSON writer (-o/--output, report.json)
 
 
+class ModelName(click.ParamType):
+    """``--model NAME``: a registered variant, checked by :func:`clustervig.registry.resolve_model_name` (the one
+    place names are resolved), so a typo is a usage error suggesting the nearest names, in every command."""
+
+    name = "NAME"
+
+    def get_metavar(self, param, ctx=None) -> str:  # click 8.2+ passes ctx
+        return "NAME"
+
+    def convert(self, value, param, ctx):
+        from .registry import UnknownModelError, resolve_model_name
+
+        if value is None:
+            return None
+        try:
+            return resolve_model_name(str(value))
+        except UnknownModelError as exc:
+            self.fail(str(exc), param, ctx)
+
+    def shell_complete(self, ctx, param, incomplete):
+        from click.shell_completion import CompletionItem
+
+        from .registry import list_models
+
+        return [CompletionItem(n) for n in list_models() if n.startswith(incomplete)]
+
+
+MODEL_NAME = ModelName()
+
+
+def model_help(text: str) -> str:
+    """``text`` and the registered variants, for a ``--model`` option's help."""
+    from .registry import list_models
+
+    return f"{text} One of: {', '.join(list_models())}."
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so ``finally`` blocks clean up (exit status 143)."""
 

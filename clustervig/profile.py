@@ -20,13 +20,15 @@ used.
 Command line::
 
     cvig-profile --table3              # the four paper variants vs Table III
-    cvig-profile cvig_ti --gcn gin     # one model
+    cvig-profile cvig_ti --gcn gin     # one model (its own class count)
     cvig-profile cvig_ti --json        # machine-readable
+    cvig-profile --checkpoint ck.pth   # the model a checkpoint holds
 """
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -151,10 +153,23 @@ def profile_model(model: ClusterViG, batch: int = 1, device: str = "meta") -> Pr
     return Profile(cfg.name, count_params(model), macs)
 
 
-def profile(name: str, gcn: str = "mr", **overrides) -> Profile:
-    """Profile a named variant without materialising its weights (meta device)."""
+def profile(name: str, gcn: Optional[str] = None, num_classes: Optional[int] = None, **overrides) -> Profile:
+    """Profile a named variant without materialising its weights (meta device). ``gcn`` and
+    ``num_classes`` default to the variant's own (``cvig_digits``: 10 classes, ``cvig_photos``: 16)."""
+    if gcn is not None:
+        overrides["gcn"] = gcn
     with torch.device("meta"):
-        model = create_model(name, gcn=gcn, **overrides)
+        model = create_model(name, num_classes=num_classes, **overrides)
+    return profile_model(model, device="meta")
+
+
+def profile_checkpoint(checkpoint, name: Optional[str] = None, num_classes: Optional[int] = None,
+                       gcn: Optional[str] = None) -> Profile:
+    """Profile the model a checkpoint holds, as ``cvig export --checkpoint`` builds it: the variant and class
+    count it records (or ``name`` / ``num_classes`` for a plain state_dict), its distillation head or none."""
+    from .checkpoint import build_model
+
+    model = build_model(name, checkpoint, num_classes, **({"gcn": gcn} if gcn is not None else {}))
     return profile_model(model, device="meta")
 
 
@@ -202,36 +217,60 @@ def format_profile(p: Profile) -> str:
 def _click_command():
     import click
 
-    from .cliutil import CTX
-    from .registry import list_models
+    from .checkpoint import CheckpointError
+    from .cliutil import CTX, MODEL_NAME, existing_file, model_help
 
     @click.command("profile", context_settings=CTX, epilog="""
 \b
 Examples:
-  cvig-profile --table3
-  cvig-profile --model cvig_ti --gcn gin
+  cvig-profile --table3                           # the four paper variants vs Table III
+  cvig-profile --model cvig_ti --gcn gin          # one variant, every component
   cvig-profile --model cvig_b_hr --json
+  cvig-profile --checkpoint clustervig/weights/cvig_digits.pth   # the model a checkpoint holds
+
+\b
+A variant is profiled as registered (its own class count: cvig_digits 10,
+cvig_photos 16, the ImageNet variants 1000) unless --num-classes or --gcn
+say otherwise; a --checkpoint as recorded in it (or --model for a plain
+state_dict), with or without its distillation head, exactly as cvig export
+builds it. Parameters are counted exactly; MACs per image from one forward
+pass on the meta device, k-NN with balanced partitions.
 """)
-    @click.argument("positional_model", metavar="[MODEL]", required=False, type=click.Choice(list_models()))
-    @click.option("--model", "model_name", type=click.Choice(list_models()), default=None, help="Variant to profile.")
-    @click.option("--gcn", type=click.Choice(["mr", "edge", "sage", "gin"]), default="mr", help="Local update.")
-    @click.option("--num-classes", type=click.IntRange(min=1), default=1000, help="Classifier outputs.")
+    @click.argument("positional_model", metavar="[MODEL]", required=False, type=MODEL_NAME)
+    @click.option("--model", "model_name", type=MODEL_NAME, default=None, help=model_help("Variant to profile."))
+    @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+                  help="Profile the model this checkpoint holds (its recorded variant and classes; --model for a "
+                       "plain state_dict).")
+    @click.option("--gcn", type=click.Choice(["mr", "edge", "sage", "gin"]), default=None,
+                  help="Local update (default: the variant's or the checkpoint's).")
+    @click.option("--num-classes", type=click.IntRange(min=1), default=None,
+                  help="Classifier outputs (default: the variant's own, or the checkpoint's).")
     @click.option("--table3", is_flag=True, help="Compare the four paper variants with Table III.")
     @click.option("--json", "as_json", is_flag=True, help="Print JSON to stdout instead of a table.")
-    def command(positional_model, model_name, gcn, num_classes, table3, as_json):
+    def command(positional_model, model_name, checkpoint, gcn, num_classes, table3, as_json):
         """Count parameters and GMACs of ClusterViG variants (true and paper-comparable). Weights are not
         materialised: any variant profiles in seconds."""
         if positional_model and model_name and positional_model != model_name:
             raise click.UsageError(f"two variants given ({positional_model} and --model {model_name}); give one")
         name = model_name or positional_model
-        if not table3 and not name:
-            raise click.UsageError("give --model NAME or --table3")
+        if table3 and (name or checkpoint or num_classes):
+            raise click.UsageError("--table3 profiles the four paper variants as registered: give it alone "
+                                   "(or with --gcn), or profile one model with --model / --checkpoint")
+        if not table3 and not name and checkpoint is None:
+            raise click.UsageError("give --model NAME, --checkpoint PATH or --table3")
         if table3:
-            rows = table3_rows(gcn)
+            rows = table3_rows(gcn or "mr")
             click.echo(json.dumps(rows, indent=2) if as_json else format_table3(rows))
-        else:
-            p = profile(name, gcn=gcn, num_classes=num_classes)
-            click.echo(json.dumps(p.to_dict(), indent=2) if as_json else format_profile(p))
+            return
+        try:
+            if checkpoint is not None:
+                existing_file(checkpoint, "checkpoint")
+                p = profile_checkpoint(checkpoint, name, num_classes, gcn)
+            else:
+                p = profile(name, gcn=gcn, num_classes=num_classes)
+        except (CheckpointError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(json.dumps(p.to_dict(), indent=2) if as_json else format_profile(p))
 
     return command
 

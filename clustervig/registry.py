@@ -1,6 +1,7 @@
 """Named ClusterViG variants and ``create_model`` (timm-style registry)."""
 from __future__ import annotations
 
+import difflib
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Union
@@ -24,8 +25,8 @@ _VARIANTS: Dict[str, ClusterViGConfig] = {
     "cvig_photos": ClusterViGConfig(
         name="cvig_photos", dim=48, depth=12, grid=14, clusters=4, groups=1, head_dim=128, num_classes=16,
         crop_pct=1.0, interpolation="bilinear",  # its crops are 224-px images already: read as trained, uncropped
-        class_names=("astronaut", "brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel",
-                     "grass", "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "retina", "rocket"),
+        class_names=("astronaut", "brick", "camera", "chelsea", "clock", "coffee", "coins", "colorwheel", "grass",
+                     "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "motorcycle", "retina", "rocket"),
     ),
     # A real trained model for CPU-sized work (INT8 calibration, measured accuracy):
     # scikit-learn's 8x8 handwritten digits upsampled to 32x32 (PIL bilinear).
@@ -50,10 +51,28 @@ def list_models() -> List[str]:
     return sorted(_VARIANTS)
 
 
+class UnknownModelError(ValueError):
+    """A variant name that is not registered; the message suggests the nearest registered names."""
+
+
+def resolve_model_name(name: str) -> str:
+    """``name`` if it is a registered variant, else :class:`UnknownModelError` naming the nearest ones.
+
+    The one place variant names are checked: :func:`create_model`, :func:`get_config` and every ``cvig``
+    subcommand's ``--model`` (``clustervig.cliutil.MODEL_NAME``) go through it."""
+    if name in _VARIANTS:
+        return name
+    key = str(name).strip().lower().replace("-", "_")
+    close = [key] if key in _VARIANTS else difflib.get_close_matches(key, list_models(), n=2, cutoff=0.75)
+    if not close and f"cvig_{key}" in _VARIANTS:  # "ti", "b_hr": the name without its prefix
+        close = [f"cvig_{key}"]
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    raise UnknownModelError(f"unknown model {name!r}: {hint}registered variants: {', '.join(list_models())}")
+
+
 def get_config(name: str, **overrides) -> ClusterViGConfig:
     """The variant's config with ``overrides`` applied (unknown keys are errors)."""
-    if name not in _VARIANTS:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    resolve_model_name(name)
     known = {f.name for f in fields(ClusterViGConfig)} - {"name"}
     bad = sorted(set(overrides) - known)
     if bad:
@@ -80,7 +99,8 @@ def create_model(
 
     Args:
         name: one of :func:`list_models` (``cvig_ti``, ``cvig_s``, ``cvig_b``,
-            ``cvig_b_hr``, ``cvig_nano``).
+            ``cvig_b_hr``, ``cvig_nano``, ``cvig_digits``, ``cvig_photos``); another name raises
+            :class:`UnknownModelError` (a ``ValueError``) suggesting the nearest.
         pretrained: path to a checkpoint to load (plain state_dict,
             ``{"model": ...}`` or ``{"state_dict": ...}``, DDP ``module.``
             prefixes, with or without the distillation head). No weights are

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import clustervig
 from clustervig.profile import main as profile_main, profile, profile_model, table3
@@ -78,3 +79,59 @@ def test_cli_table3_and_json(capsys):
     assert d["name"] == "cvig_nano" and d["gmacs_true"] > d["gmacs_paper"] > 0
     with pytest.raises(SystemExit):
         profile_main([])
+
+
+@pytest.mark.parametrize("name", clustervig.list_models())
+def test_cli_profiles_every_variant_as_registered(name):
+    """`cvig profile --model NAME` describes the registered variant: its own class count (cvig_digits 10,
+    cvig_photos 16), so the parameter count is the real model's and the head's MACs are its layers'."""
+    from click.testing import CliRunner
+
+    from clustervig.cli import cvig
+
+    res = CliRunner().invoke(cvig, ["profile", "--model", name, "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    model = clustervig.create_model(name)
+    assert d["name"] == name
+    assert d["params"] == sum(p.numel() for p in model.parameters())
+    cfg = model.cfg
+    heads = 1 + (model.dist_head is not None)  # class head (+ distillation head) on the pooled feature
+    assert d["gmacs_by_component"]["head"] * 1e9 == pytest.approx(cfg.dim * cfg.head_dim + heads * cfg.head_dim * cfg.num_classes)
+
+
+def test_cli_num_classes_gcn_and_checkpoint(tmp_path):
+    from click.testing import CliRunner
+
+    from clustervig.cli import cvig
+    from clustervig.train import WEIGHTS_DIR
+
+    def params(*args):
+        res = CliRunner().invoke(cvig, ["profile", *args, "--json"])
+        assert res.exit_code == 0, res.output
+        return json.loads(res.output)["params"]
+
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert params("--model", "cvig_digits", "--num-classes", "1000") == count(clustervig.create_model("cvig_digits", num_classes=1000))
+    assert params("cvig_nano", "--gcn", "gin") == count(clustervig.create_model("cvig_nano", gcn="gin"))
+    for ck in ("cvig_digits.pth", "cvig_photos.pth"):  # the checkpoint's model, as cvig export loads it
+        assert params("--checkpoint", str(WEIGHTS_DIR / ck)) == count(clustervig.model_from_checkpoint(WEIGHTS_DIR / ck))
+    # a plain state_dict without the distillation head: --model names it, the head it lacks is not counted
+    nano = clustervig.create_model("cvig_nano", num_classes=10)
+    sd = {k: v for k, v in nano.state_dict().items() if not k.startswith("dist_head.")}
+    torch.save(sd, tmp_path / "plain.pth")
+    nano.remove_distillation_head()
+    assert params("--model", "cvig_nano", "--num-classes", "10", "--checkpoint", str(tmp_path / "plain.pth")) == count(nano)
+
+
+def test_cli_names_the_nearest_variant_and_refuses_contradictions(tmp_path):
+    from click.testing import CliRunner
+
+    from clustervig.cli import cvig
+
+    res = CliRunner().invoke(cvig, ["profile", "--model", "cvig_tii"])
+    assert res.exit_code == 2 and "unknown model 'cvig_tii': did you mean cvig_ti?" in res.output
+    res = CliRunner().invoke(cvig, ["profile", "--table3", "--model", "cvig_ti"])
+    assert res.exit_code == 2 and "--table3" in res.output and "params M" not in res.output
+    res = CliRunner().invoke(cvig, ["profile", "--checkpoint", str(tmp_path / "none.pth")])
+    assert res.exit_code == 1 and "does not exist" in res.output
