@@ -1,9 +1,11 @@
 """Loading and saving ClusterViG checkpoints, with errors that explain mismatches."""
 from __future__ import annotations
 
+import pickle
+import re
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -21,20 +23,62 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
-def read_checkpoint(path: PathLike) -> Dict[str, Any]:
-    """Read a checkpoint file into a dict; clear errors for missing/corrupt files."""
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    """``Type: first sentence of the message`` (just the type when the message is empty, e.g. EOFError())."""
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    text = text.split(". ")[0].rstrip(".")
+    if len(text) > limit:
+        text = text[: limit - 3].rstrip() + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def load_torch_file(path: PathLike, what: str = "checkpoint", safe_globals: Sequence[type] = (),
+                    resave: str = "save it again with torch.save") -> Any:
+    """``torch.load(path, weights_only=True)`` with one-line :class:`CheckpointError` messages that say what is
+    wrong with the file and what to do: missing, a folder, empty, not a PyTorch file, truncated or corrupt, or
+    holding pickled Python objects besides tensors (refused: unpickling them could run code from the file).
+    ``safe_globals`` are classes the file may hold (e.g. ``argparse.Namespace``); ``resave`` ends the
+    messages about damaged files."""
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a directory, not a file (give the .pth file inside it)")
+        raise CheckpointError(f"{what} {path} is a directory, not a file (give the .pth file inside it)")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist (check the path)")
+        raise CheckpointError(f"{what} {path} does not exist (check the path)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        raise CheckpointError(f"{what} {path} could not be opened ({exc.strerror or exc}): check its permissions") from None
+    if not head:
+        raise CheckpointError(f"{what} {path} is empty (0 bytes): the download or copy did not finish, or the save "
+                              f"failed; {resave}")
+    zipped = head.startswith(b"PK\x03\x04")
+    if not zipped and head[:1] != b"\x80":  # neither torch.save's zip archive nor a legacy pickle
+        page = ", a web page: the download saved an error page" if head.lstrip()[:1] == b"<" else ""
+        raise CheckpointError(f"{what} {path} could not be read: it is not a PyTorch checkpoint (its first bytes are {head!r}"
+                              f"{page}, not a zip archive or a pickle): give the .pth/.pt file written by torch.save")
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" not in str(exc) and "Weights only" not in str(exc):
+            raise CheckpointError(f"{what} {path} could not be read, it is truncated or corrupt ({_first_line(exc)}); "
+                                  f"{resave}") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        objects = f" ({found.group(1)})" if found else ""
         raise CheckpointError(
-            f"checkpoint {path} could not be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-            "is it a complete PyTorch .pth/.pt file? Re-download or re-save it with torch.save"
-        ) from None
+            f"{what} {path} holds non-tensor Python objects{objects} besides its tensors and was refused: loading them "
+            "could run code from the file. If you trust its source, load it with torch.load(PATH, weights_only=False), "
+            "save only the model's state_dict with torch.save(state_dict, NEW.pth) and give NEW.pth") from None
+    except Exception as exc:  # torch raises many types for a damaged file (RuntimeError, EOFError, KeyError, ...)
+        fmt = "" if zipped else " in a legacy pickle file"
+        raise CheckpointError(f"{what} {path} could not be read, it is truncated or corrupt ({_first_line(exc)}{fmt}); "
+                              f"{resave}") from None
+
+
+def read_checkpoint(path: PathLike) -> Dict[str, Any]:
+    """Read a checkpoint file into a dict; one-line errors for missing, empty, corrupt or unsafe files."""
+    obj = load_torch_file(path, resave="download it or save it again with torch.save")
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state_dict or dict")
     return dict(obj)

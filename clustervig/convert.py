@@ -29,7 +29,7 @@ import click
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError, extract_state_dict, load_state_dict, save_checkpoint
+from .checkpoint import CheckpointError, extract_state_dict, load_state_dict, load_torch_file, save_checkpoint
 from .cliutil import CTX, check_output_file, existing_file
 from .model import ClusterViG, ClusterViGConfig
 
@@ -56,12 +56,10 @@ def read_authors_checkpoint(path: Path, ema: bool = False) -> Dict[str, Tensor]:
     """
     path = Path(path)
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ConvertError(
-            f"checkpoint {path} could not be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-            "re-save its state_dict with torch.save(model.state_dict(), PATH)") from None
+        obj = load_torch_file(path, safe_globals=[argparse.Namespace],
+                              resave="re-save its state_dict with torch.save(model.state_dict(), PATH)")
+    except CheckpointError as exc:
+        raise ConvertError(str(exc)) from None
     if not isinstance(obj, Mapping):
         raise ConvertError(f"checkpoint {path} holds a {type(obj).__name__}, not a state_dict or dict")
     if ema:

@@ -128,3 +128,83 @@ def test_save_and_rebuild_from_recorded_config(tmp_path, trained):
     torch.save(src.state_dict(), tmp_path / "plain.pth")
     with pytest.raises(CheckpointError, match="records no model config"):
         model_from_checkpoint(tmp_path / "plain.pth")
+
+
+def _damaged_files(tmp_path, good):
+    """file name -> (bytes, what the message must say)"""
+    legacy = tmp_path / "legacy-src.pth"
+    torch.save({"w": torch.zeros(4)}, legacy, _use_new_zipfile_serialization=False)
+    data = good.read_bytes()
+    return {
+        "empty.pth": (b"", "is empty (0 bytes)"),
+        "half.pth": (data[: len(data) // 2], "truncated or corrupt (RuntimeError: PytorchStreamReader failed reading zip archive"),
+        "head.pth": (data[:64], "truncated or corrupt"),
+        "legacy-cut.pth": (legacy.read_bytes()[:-16], "in a legacy pickle file); "),
+        "page.pth": (b"<!DOCTYPE html><html>Not Found</html>", "could not be read: it is not a PyTorch checkpoint (its first bytes are b'<!DOCTYPE html><', a web page"),
+    }
+
+
+def test_empty_truncated_and_foreign_files_raise_checkpoint_error(tmp_path, trained):
+    """Python API: a CheckpointError with one line saying what is wrong with the file (an empty file used to
+    raise IndexError from the error handling itself)."""
+    src, _ = trained
+    good = tmp_path / "good.pth"
+    torch.save(src.state_dict(), good)
+    for name, (data, says) in _damaged_files(tmp_path, good).items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError) as ei:
+            clustervig.create_model("cvig_nano", pretrained=tmp_path / name, num_classes=10)
+        msg = str(ei.value)
+        assert says in msg and str(tmp_path / name) in msg and "\n" not in msg, msg
+        assert msg.endswith("download it or save it again with torch.save") or "not a PyTorch checkpoint" in msg, msg
+
+
+def test_commands_refuse_damaged_checkpoints_in_one_line(tmp_path, trained):
+    """cvig export --checkpoint, cvig convert --from authors, cvig profile --checkpoint: exit 1 and one
+    'Error:' line, no traceback."""
+    from click.testing import CliRunner
+
+    from clustervig.cli import cvig
+
+    src, _ = trained
+    good = tmp_path / "good.pth"
+    torch.save(src.state_dict(), good)
+    for name, (data, says) in _damaged_files(tmp_path, good).items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        for args in (["export", "--checkpoint", str(path), "--no-validate", "-o", str(tmp_path / "out")],
+                     ["convert", "--from", "authors", str(path), "-o", str(tmp_path / "conv.pth")],
+                     ["profile", "--checkpoint", str(path)]):
+            res = CliRunner().invoke(cvig, args)
+            assert res.exit_code == 1 and res.exception is None or isinstance(res.exception, SystemExit), res.exception
+            errors = [line for line in res.output.splitlines() if line.startswith("Error:")]
+            assert len(errors) == 1 and says in errors[0] and "Traceback" not in res.output, (args, res.output)
+            assert res.output.rstrip().endswith(errors[0]), res.output  # the error is the last word
+        assert not (tmp_path / "out").exists() and not (tmp_path / "conv.pth").exists()
+
+
+def test_pickled_objects_are_refused_with_what_and_how(tmp_path, trained):
+    """A checkpoint holding pickled Python objects: refused (weights_only), and the message says so, why,
+    and how to load it when the file is trusted; the whole message, not torch's cut mid-sentence."""
+    import os
+
+    src, _ = trained
+    path = tmp_path / "objects.pth"
+    torch.save({"model": src.state_dict(), "hook": os.getcwd}, path)
+    with pytest.raises(CheckpointError) as ei:
+        clustervig.create_model("cvig_nano", pretrained=path, num_classes=10)
+    msg = str(ei.value)
+    assert f"checkpoint {path} holds non-tensor Python objects (posix.getcwd) besides its tensors" in msg
+    assert "could run code from the file" in msg and "torch.load(PATH, weights_only=False)" in msg
+    assert "torch.save(state_dict, NEW.pth)" in msg and "incomplete" not in msg and "\n" not in msg
+    # the way the message gives works: the trusted file's state_dict, saved alone, loads
+    trusted = torch.load(path, weights_only=False)["model"]
+    torch.save(trusted, tmp_path / "new.pth")
+    x = varied_images(2, 224, seed=21)
+    assert torch.equal(_logits(clustervig.create_model("cvig_nano", pretrained=tmp_path / "new.pth", num_classes=10), x),
+                       _logits(src, x))
+    # cvig convert reads the authors' files with argparse.Namespace allowed, nothing else
+    from clustervig.convert import ConvertError, read_authors_checkpoint
+
+    with pytest.raises(ConvertError, match=r"non-tensor Python objects \(posix.getcwd\)"):
+        read_authors_checkpoint(path)
