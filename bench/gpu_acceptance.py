@@ -1,52 +1,67 @@
-"""GPU acceptance in one command: build the kernels, run the GPU tests, time the kernels and the whole model.
+"""GPU acceptance in one command, made for a lent GPU machine: it finishes within its budget and keeps
+every result it got, whatever a step does. On the machine, from a checkout (no pip install needed):
 
-    pip install --no-deps --no-build-isolation -e .
-    python -m bench.gpu_acceptance [--quick] [--skip-build] [--skip-tests] [--out DIR]
+    timeout 540 python -m bench.gpu_acceptance --out "$OUT" 2>&1 | tee "$OUT/log.txt"
+    python -m bench.gpu_acceptance [--quick] [--skip-build] [--skip-tests] [--out DIR] [--budget SECONDS]
 
-Steps (each prints its progress; a failing step is recorded and the others still run):
+First a preflight line: GPU, compute capability, driver, torch, nvcc, cmake, compute-sanitizer, pip,
+and one line per missing tool or module. Then the steps, each in a process of its own
+(bench/gpu_acceptance_steps.py) with a timeout, killed with its whole process group when the timeout
+passes: a hang or a crash ends that step only, recorded as "timeout" or "crashed" with its output.
 
-  1 build    CMake: libcvig_kernels.so for this GPU's architecture (torch.cuda.get_device_capability,
-             e.g. 90) and libcvig_kernels_host.so into build/gpu-acceptance/; CVIG_KERNELS_LIB and
-             CVIG_KERNELS_HOST_LIB point at them for the rest of the run (the test subprocess included)
-  2 tests    python -m pytest -q -m gpu on every test file with gpu-marked tests
-             (tests/test_plugin_kernels_gpu.py and any other): counts and the output's tail
-  3 kernels  plugins/bench_kernels.py: each kernel vs the PyTorch ops it replaces, cvig_ti DEGC at
-             B = 64 and cvig_b_hr DEGC at B = 1, FP16 and FP32
-  4 models   PyTorch CUDA, cvig_ti at batch 1/64/512 and cvig_s at batch 256: FP32 eager, FP16 eager
-             and FP16 CUDA graph, for the pure static form and the kernel path (set_kernels(True));
-             CUDA-event timing after warm-up, medians of interleaved rounds, images per second;
-             an out-of-memory or failing cell is recorded and the others still run
-  5 report   bench/results/gpu_acceptance_<device>.json and a BENCHMARKS.md section titled with the
-             GPU's name, with the three goals marked met / not met:
-               - cvig_b_hr DEGC (N = 784, C = 640, kappa = 6), batch 1: k-means kernel <= 50 us
-               - cvig_ti DEGC, batch 64, FP16: k-means + k-NN kernels faster than the Grapher's two 1x1 convs
-               - cvig_ti, batch 512: >= 4,939 img/s (the paper's Table VI, on an RTX 6000 Ada)
+  build      CMake: libcvig_kernels.so for this GPU's architecture, libcvig_kernels_host.so and the
+             sanitizer driver (plugins/tests/sanitize_kernels.cpp) into build/gpu-acceptance/; if that
+             fails, once more with -DCVIG_WERROR=OFF (both attempts recorded)
+  tests      python -m pytest -v -m gpu on every test file with gpu-marked tests
+             (tests/test_plugin_kernels_gpu.py): log and JUnit XML in the output folder
+  memcheck, racecheck, synccheck, initcheck
+             compute-sanitizer --tool X --error-exitcode 1 on the driver, which calls every launcher
+             of plugins/common/cvig_kernels.h on small buffers, FP32 and FP16
+  kernels    plugins/bench_kernels.py's cases: each kernel vs the PyTorch ops it replaces
+  models     PyTorch CUDA throughput of cvig_ti (batch 512, 64, 1) and cvig_s (256): FP32 eager,
+             FP16 eager and FP16 CUDA graph, static form and kernel path timed together
 
---quick: small batches and few repeats (a smoke run of the same code paths); its results go to
-bench/results/tmp-gpu-acceptance-quick/ (with its own BENCHMARKS.md) unless --out is given.
---out DIR: JSON files and a BENCHMARKS.md with this section go to DIR instead of bench/results/
-and the repository's BENCHMARKS.md. Without a CUDA GPU the command exits with code 2 and writes nothing.
-Exit code 1 when a step failed; the goals are reported, they do not change the exit code.
+The budget (--budget, default 420 s) holds the whole run: after a reserve for the report, each step's
+timeout is its share of the time left (shares by expected duration), so a step that uses all of its
+time still leaves the later steps theirs; kernels and models start no cell past their time and record
+the cells left as "skipped: budget". Measurements are appended to files as they are made and the
+report (JSON and the BENCHMARKS.md section) is rewritten, atomically, after every step, with three
+goals marked met / not met:
+  - cvig_b_hr DEGC (N = 784, C = 640, kappa = 6), batch 1: k-means kernel <= 50 us
+  - cvig_ti DEGC, batch 64, FP16: k-means + k-NN kernels faster than the Grapher's two 1x1 convs
+  - cvig_ti, batch 512: >= 4,939 img/s (the paper's Table VI, on an RTX 6000 Ada)
+
+--out DIR: at most 7 files, flat: gpu_acceptance_<device>.json, BENCHMARKS.md (this section only),
+kernels_<device>.jsonl, models_<device>.jsonl, pytest.log, pytest.xml, sanitizer.log. Without --out
+the report goes to bench/results/ and the repository's BENCHMARKS.md (the logs to build/gpu-acceptance/
+logs/); --quick (small batches, few repeats) sends everything to bench/results/tmp-gpu-acceptance-quick/.
+Exit code 2 without a CUDA GPU (nothing written), 1 when a step failed, timed out, crashed, was cut
+short or skipped for the budget; the goals are reported, they do not change the exit code.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
 import datetime as _dt
-import gc
+import glob
 import json
 import os
-import platform
 import re
 import shutil
-import statistics
+import signal
 import subprocess
 import sys
+import threading
 import time
-import traceback
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import common
+STARTED = time.monotonic()  # before bench.common's import of torch (seconds, on a cold machine): the budget counts it
+
+from . import common  # noqa: E402
+from . import gpu_acceptance_steps as steps  # noqa: E402
+from .gpu_acceptance_steps import KERNEL_OPS, MODES, SANITIZERS, device_slug, log, tail  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_DIR = ROOT / "build" / "gpu-acceptance"
@@ -55,375 +70,400 @@ QUICK_OUT = ROOT / "bench" / "results" / "tmp-gpu-acceptance-quick"  # /bench/re
 GOAL_KMEANS_US = 50.0  # cvig_b_hr DEGC k-means kernel at batch 1 (plugins/bench_kernels.py judges the same)
 GOAL_TI512_IMG_S = 4939.0  # the paper's Table VI: cvig_ti at batch 512 on an RTX 6000 Ada
 
-PATHS = ("static", "kernels")
-MODES = ("eager-fp32", "eager-fp16", "cudagraph-fp16")
-FULL = {"models": [("cvig_ti", [1, 64, 512]), ("cvig_s", [256])], "repeats": 10, "warmup": 3,
-        "kernel_repeats": 30, "kernel_inner": 20}
-QUICK = {"models": [("cvig_ti", [1, 8]), ("cvig_s", [8])], "repeats": 3, "warmup": 1,
-         "kernel_repeats": 5, "kernel_inner": 5}
-
-KERNEL_OPS = [  # (column title, op key in plugins/bench_kernels.py's JSON)
-    ("k-means kernel", "kmeans_kernel"), ("k-means PyTorch", "kmeans_torch"),
-    ("k-NN kernel", "knn_kernel"), ("masked TopK", "knn_torch_masked_topk"),
-    ("segment mean kernel", "segment_mean_kernel"), ("segment mean PyTorch", "segment_mean_torch"),
-    ("gather-max-rel kernel", "gather_max_rel_kernel"), ("gather-max PyTorch", "gather_max_rel_torch"),
-    ("fc1 + fc2 convs", "grapher_fc1_fc2_convs"),
-]
-
-
-def log(msg: str) -> None:
-    print(f"[gpu-acceptance] {msg}", flush=True)
-
-
-def device_slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") or "gpu"
-
-
-def _tail(text: str, n: int = 3000) -> str:
-    return text[-n:] if text else ""
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
+DEFAULT_BUDGET_S = 420.0  # 7 minutes: inside the lent machine's 8, with a minute to start up and spare
+REPORT_RESERVE_S = 15.0  # kept back from every step for the kills and the last report (10% of small budgets)
+PREFLIGHT_S = 60.0
+MIN_STEP_FRACTION = 0.02  # a step offered less than this part of the budget (at most 1 s) is skipped
+KILL_GRACE_S = 2.0  # SIGTERM, then this long, then SIGKILL
+# The steps in order, each with its expected seconds on an H100 (16 cores): its share of the time left.
+STEP_WEIGHTS: Tuple[Tuple[str, float], ...] = (
+    ("build", 60), ("tests", 120), ("memcheck", 15), ("racecheck", 25), ("synccheck", 15), ("initcheck", 15),
+    ("kernels", 45), ("models", 120))
+FAILING = {"failed", "timeout", "crashed", "partial", "skipped: budget"}
+# pyproject.toml's [tool.setuptools.package-dir]: clustervig.<sub> lives in <folder> of the repository
+PACKAGE_DIRS = {"export": "export", "runtime": "runtime", "calib": "calib", "plugins": "plugins/python"}
 
 
 # ----------------------------------------------------------------------------
-# Step 1: build
+# Preflight: tools, and the import root that replaces `pip install -e .`
 # ----------------------------------------------------------------------------
 
 
-def _nvcc() -> Optional[str]:
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    for p in (os.environ.get("CUDACXX"), "/usr/local/cuda/bin/nvcc"):
-        if p and Path(p).is_file():
-            return p
+def _version(cmd: List[str], pattern: str) -> Optional[str]:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return steps.first_line(exc)
+    found = re.search(pattern, out.stdout + out.stderr)
+    return found.group(0).strip() if found else (out.stdout + out.stderr).strip()[-80:] or None
+
+
+def find_nvcc() -> Optional[str]:
+    for path in (shutil.which("nvcc"), os.environ.get("CUDACXX"), "/usr/local/cuda/bin/nvcc"):
+        if path and Path(path).is_file():
+            return path
     return None
 
 
-def step_build(arch: str, build_dir: Path) -> Dict:
+def find_sanitizer(nvcc: Optional[str]) -> Optional[str]:
+    """compute-sanitizer: on PATH, beside nvcc, under $CUDA_HOME / $CUDA_PATH, /usr/local/cuda or the newest
+    /usr/local/cuda-*."""
+    dirs = [Path(nvcc).resolve().parent] if nvcc else []
+    dirs += [Path(os.environ[v]) / "bin" for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    dirs += [Path("/usr/local/cuda/bin"), Path("/usr/local/cuda/compute-sanitizer")]
+    dirs += [Path(d) / "bin" for d in sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    found = shutil.which("compute-sanitizer")
+    return found or next((str(d / "compute-sanitizer") for d in dirs if (d / "compute-sanitizer").is_file()), None)
+
+
+def find_pip() -> Dict:
+    """pip on PATH, beside this Python, and as `python -m pip` (reported only: nothing here needs it)."""
+    beside = Path(sys.executable).parent
+    paths = [p for p in (shutil.which("pip"), shutil.which("pip3"), *(str(beside / n) for n in ("pip", "pip3")))
+             if p and Path(p).is_file()]
+    module = _version([sys.executable, "-m", "pip", "--version"], r"pip \S+|No module named \S+")
+    return {"path": paths[0] if paths else None, "module": module}
+
+
+def find_gpu_driver() -> Dict:
+    """nvidia-smi's name, compute capability and driver version of GPU 0 (without touching CUDA here)."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return {"path": None}
+    text = _version([smi, "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"], r"[^\n]+") or ""
+    parts = [p.strip() for p in text.split(",")]
+    return {"path": smi, **(dict(zip(("name", "compute_cap", "driver"), parts)) if len(parts) == 3 else {"note": text})}
+
+
+def find_tools() -> Dict[str, Dict]:
+    nvcc = find_nvcc()
     cmake = shutil.which("cmake")
-    if not cmake:
-        raise RuntimeError("cmake is not on PATH")
-    nvcc = _nvcc()
-    if not nvcc:
-        raise RuntimeError("nvcc not found (PATH, $CUDACXX, /usr/local/cuda/bin/nvcc)")
-    res: Dict = {"arch": arch, "build_dir": str(build_dir), "nvcc": nvcc}
-    ver = subprocess.run([nvcc, "--version"], capture_output=True, text=True)
-    res["nvcc_version"] = (re.findall(r"release [^\n]+", ver.stdout) or [ver.stdout.strip()[-80:]])[0]
-    configure = [cmake, "-S", str(ROOT / "plugins"), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
-                 f"-DCVIG_CUDA_ARCHS={arch}", f"-DCMAKE_CUDA_COMPILER={nvcc}"]
-    log("  " + " ".join(configure))
-    cfg = subprocess.run(configure, capture_output=True, text=True, timeout=600)
-    res["configure_tail"] = _tail(cfg.stdout + cfg.stderr, 1500)
-    if cfg.returncode != 0:
-        raise RuntimeError(f"CMake configure failed (exit {cfg.returncode}):\n{_tail(cfg.stdout + cfg.stderr, 1500)}")
-    build = [cmake, "--build", str(build_dir), "-j", str(os.cpu_count() or 2)]
-    log("  " + " ".join(build))
-    t0 = time.perf_counter()
-    bld = subprocess.run(build, capture_output=True, text=True, timeout=1800)
-    res["build_tail"] = _tail(bld.stdout + bld.stderr, 1500)
-    res["compile_s"] = round(time.perf_counter() - t0, 1)
-    if bld.returncode != 0:
-        raise RuntimeError(f"build failed (exit {bld.returncode}):\n{_tail(bld.stdout + bld.stderr, 2000)}")
-    cuda_lib, host_lib = build_dir / "libcvig_kernels.so", build_dir / "libcvig_kernels_host.so"
-    if not host_lib.is_file():
-        raise RuntimeError(f"{host_lib} was not built")
-    if not cuda_lib.is_file():
-        raise RuntimeError(f"{cuda_lib} was not built: CMake did not enable CUDA (see configure_tail)")
-    res["cuda_library"], res["host_library"] = str(cuda_lib), str(host_lib)
-    return res
+    sanitizer = find_sanitizer(nvcc)
+    return {
+        "nvcc": {"path": nvcc, "version": _version([nvcc, "--version"], r"release [^\n]+") if nvcc else None},
+        "cmake": {"path": cmake, "version": _version([cmake, "--version"], r"\d+\.\d+\.\d+") if cmake else None},
+        "compute-sanitizer": {"path": sanitizer,
+                              "version": _version([sanitizer, "--version"], r"Version \S+") if sanitizer else None},
+        "nvidia-smi": find_gpu_driver(),
+        "pip": find_pip(),
+    }
 
 
-def use_libraries(build_dir: Path) -> Dict[str, str]:
-    """Point CVIG_KERNELS_LIB / CVIG_KERNELS_HOST_LIB at this build's libraries (inherited by subprocesses)."""
-    from clustervig.plugins.kernels import ENV, ENV_HOST
+def make_import_root(dest: Path) -> Path:
+    """A folder that makes `clustervig` importable as an installed package would be, without pip.
 
-    chosen = {}
-    for env, name in ((ENV, "libcvig_kernels.so"), (ENV_HOST, "libcvig_kernels_host.so")):
-        lib = build_dir / name
-        if lib.is_file():
-            os.environ[env] = str(lib)
-            chosen[env] = str(lib)
-    return chosen
-
-
-# ----------------------------------------------------------------------------
-# Step 2: GPU tests
-# ----------------------------------------------------------------------------
-
-
-def gpu_test_files(tests_dir: Path = ROOT / "tests") -> List[Path]:
-    """Test files with gpu-marked tests. Passing only these to pytest keeps files that import packages a
-    bare GPU machine lacks (click, polygraphy, ...) out of the collection."""
-    return sorted(p for p in tests_dir.glob("test_*.py") if _GPU_MARK.search(p.read_text(errors="replace")))
-
-
-# a gpu mark applied in code (module pytestmark, decorator, pytest.param marks), not one named in a string
-_GPU_MARK = re.compile(r"^\s*pytestmark\s*=[^\n]*mark\.gpu\b|^\s*pytestmark\s*=\s*\[[^\]]*mark\.gpu\b"
-                       r"|^\s*@pytest\.mark\.gpu\b|^\s*marks\s*=[^\n]*mark\.gpu\b", re.M)
-
-
-_COUNT = re.compile(r"(\d+) (passed|failed|skipped|xfailed|xpassed|errors?|deselected|warnings?)\b")
-
-
-def parse_pytest_counts(output: str) -> Dict[str, int]:
-    """Counts from pytest's final summary line ('3 passed, 1 skipped, 2 xfailed in 4.20s')."""
-    for line in reversed(output.strip().splitlines()):
-        found = _COUNT.findall(line)
-        if found and re.search(r"\bin [\d.]+s", line):
-            out: Dict[str, int] = {}
-            for n, what in found:
-                key = {"error": "errors", "warning": "warnings"}.get(what, what)
-                out[key] = out.get(key, 0) + int(n)
-            return out
-    return {}
-
-
-def step_tests(timeout: int) -> Dict:
-    files = gpu_test_files()
-    if not files:
-        raise RuntimeError("no test file with gpu-marked tests under tests/")
-    # --continue-on-collection-errors: a file that imports a package this machine lacks is
-    # reported as an error without stopping the other files' tests
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-           "--continue-on-collection-errors", *(str(f.relative_to(ROOT)) for f in files)]
-    log("  " + " ".join(cmd))
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
-    out = proc.stdout + proc.stderr
-    counts = parse_pytest_counts(proc.stdout)
-    res = {"command": " ".join(cmd[1:]), "files": [str(f.relative_to(ROOT)) for f in files],
-           "libraries": {k: os.environ.get(k) for k in ("CVIG_KERNELS_LIB", "CVIG_KERNELS_HOST_LIB")},
-           "returncode": proc.returncode, "counts": counts, "pytest_s": round(time.perf_counter() - t0, 1),
-           "output_tail": _tail(out)}
-    for line in _tail(proc.stdout, 1500).splitlines()[-6:]:
-        log("  | " + line)
-    if proc.returncode != 0:
-        res["status"] = "failed"
-        res["error"] = f"pytest exited with {proc.returncode}: {counts or 'no summary line'}"
-    elif not counts.get("passed"):
-        res["status"] = "failed"  # everything skipped is no acceptance: the library or CUDA was not found
-        res["error"] = f"no test passed: {counts}"
-    return res
-
-
-# ----------------------------------------------------------------------------
-# Step 3: kernel benchmark
-# ----------------------------------------------------------------------------
-
-
-def step_kernels(out_dir: Path, slug: str, repeats: int, inner: int, timeout: int) -> Dict:
-    path = out_dir / f"kernels_{slug}.json"
-    cmd = [sys.executable, str(ROOT / "plugins" / "bench_kernels.py"), "--out", str(path), "--repeats", str(repeats),
-           "--inner", str(inner)]
-    log("  " + " ".join(cmd))
-    if path.exists():
-        path.unlink()  # never report a previous run's numbers as this one's
-    # a subprocess: a kernel fault that poisons the CUDA context must not take step 4 with it
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
-    for line in proc.stdout.splitlines():
-        if "goal:" in line:
-            log("  " + line)
-    res: Dict = {"command": " ".join(cmd[1:]), "returncode": proc.returncode, "json": str(path),
-                 "output_tail": _tail(proc.stdout + proc.stderr)}
-    if path.is_file():  # written even when some case failed: the others' numbers still count
-        res["data"] = json.loads(path.read_text())
-    if proc.returncode != 0 or not path.is_file():
-        res["status"] = "failed"
-        res["error"] = f"bench_kernels.py exited with {proc.returncode}: {_tail(proc.stderr.strip(), 600)}"
-    return res
-
-
-# ----------------------------------------------------------------------------
-# Step 4: whole model
-# ----------------------------------------------------------------------------
-
-
-def synthetic_images(n: int, size: int, seed: int = 0):
-    """Images with varied global statistics and structure (oriented waves plus noise), ImageNet-normalised scale.
-
-    For when scikit-image/Pillow (the sample photographs) are not installed:
-    pure noise would pool to one feature vector and partition unlike photos.
+    ``clustervig/`` here holds a link to each entry of the repository's clustervig/ plus the sub-packages
+    pyproject.toml maps elsewhere (clustervig.plugins -> plugins/python, ...); ``bench`` links the
+    benchmarks. The step processes run with it as working directory and first on PYTHONPATH, so it wins
+    over the repository root (where ``clustervig`` lacks those sub-packages). Rebuilt on every run.
     """
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-    angle = 3.14159 * torch.rand(n, 1, 1, 1, generator=g)
-    freq = 1 + 5 * torch.rand(n, 3, 1, 1, generator=g)
-    phase = 6.28318 * torch.rand(n, 3, 1, 1, generator=g)
-    wave = torch.sin(freq * 3.14159 * (xx * torch.cos(angle) + yy * torch.sin(angle)) + phase)
-    offset = 0.5 * torch.randn(n, 3, 1, 1, generator=g)
-    scale = 0.5 + torch.rand(n, 1, 1, 1, generator=g)
-    return offset + scale * (wave + 0.3 * torch.randn(n, 3, size, size, generator=g))
-
-
-def _have(*modules: str) -> bool:
-    import importlib.util
-
-    try:
-        return all(importlib.util.find_spec(m) is not None for m in modules)
-    except (ImportError, ValueError):  # a broken or half-installed package counts as absent
-        return False
+    if dest.exists():
+        shutil.rmtree(dest)  # links only: rmtree unlinks them, it does not follow them
+    pkg = dest / "clustervig"
+    pkg.mkdir(parents=True)
+    for entry in sorted((ROOT / "clustervig").iterdir()):
+        if entry.name != "__pycache__":
+            (pkg / entry.name).symlink_to(entry)
+    for sub, folder in PACKAGE_DIRS.items():
+        (pkg / sub).symlink_to(ROOT / folder, target_is_directory=True)
+    (dest / "bench").symlink_to(ROOT / "bench", target_is_directory=True)
+    return dest
 
 
-def sample_images(cfg) -> Tuple[object, str]:
-    if _have("skimage", "PIL"):
-        from clustervig.preprocess import sample_photographs, transform_spec
+def preflight_lines(pre: Dict, tools: Dict[str, Dict], budget_s: float) -> List[str]:
+    """The preflight line (everything found, in one line) and one line per missing tool or module."""
+    dev = pre.get("device") or {}
+    ver = pre.get("versions") or {}
+    smi = tools["nvidia-smi"]
+    pip = tools["pip"]
+    gpu = (f"GPU {dev['name']} (compute capability {dev.get('capability')}, {dev.get('sms')} SMs, "
+           f"{dev.get('memory_gib')} GiB)" if dev.get("name") else f"GPU unknown ({pre.get('error', 'no preflight')})")
+    parts = [gpu, f"driver {smi.get('driver', 'unknown (no nvidia-smi)')}, CUDA {ver.get('driver_cuda') or '?'}",
+             f"torch {ver.get('torch', '?')} (CUDA {ver.get('cuda', '?')})", f"python {ver.get('python', '?')}"]
+    for name in ("nvcc", "cmake", "compute-sanitizer"):
+        t = tools[name]
+        parts.append(f"{name} {t['path']} ({t['version']})" if t["path"] else f"{name} not found")
+    parts.append(f"pip {pip['path'] or 'not found'} (python -m pip: {pip['module']}; not needed)")
+    parts.append(f"budget {budget_s:.0f} s")
+    lines = ["preflight: " + "; ".join(parts)]
+    consequence = {"nvcc": "the build step fails", "cmake": "the build step fails",
+                   "compute-sanitizer": "the memcheck, racecheck, synccheck and initcheck steps are skipped"}
+    for name, what in consequence.items():
+        if not tools[name]["path"]:
+            lines.append(f"preflight: missing {name} (not on PATH nor in the CUDA folders): {what}")
+    for name, state in (pre.get("imports") or {}).items():
+        if state != "ok":
+            what = steps.OPTIONAL_MODULES.get(name, "the steps that import it fail")
+            lines.append(f"preflight: missing python module {name} ({state}): {what}")
+    if pre.get("status") not in (None, "ok"):
+        lines.append(f"preflight: the preflight process {pre['status']}: {pre.get('error', '')}")
+    return lines
 
-        return sample_photographs(transform_spec(cfg)), "the 4 scikit-image sample photographs, tiled"
-    return synthetic_images(8, cfg.img_size), "8 synthetic images, tiled (scikit-image/Pillow not installed)"
+
+# ----------------------------------------------------------------------------
+# Budget and step processes
+# ----------------------------------------------------------------------------
 
 
-def _describe(exc: BaseException) -> Dict:
-    import torch
+class Budget:
+    """The run's time. Each step's timeout is its weight's share of what is left after the reserve:
+    a step that uses all of its time still leaves every later step its own share."""
 
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return {"oom": True}
-    return {"error": _first_line(exc)}
+    def __init__(self, total_s: float, clock=time.monotonic, start: Optional[float] = None) -> None:
+        self.total, self.clock = total_s, clock
+        self.start = clock() if start is None else start
+        self.reserve = min(REPORT_RESERVE_S, 0.1 * total_s)
+
+    def left(self) -> float:
+        return self.total - (self.clock() - self.start) - self.reserve
+
+    def share(self, weight: float, later_weights: float) -> float:
+        return max(0.0, self.left()) * weight / (weight + later_weights)
 
 
-def time_cells(cells: Dict[str, Callable[[], object]], repeats: int, warmup: int):
-    """CUDA-event time of each cell, interleaved rounds (A B C A B C ...) so drift hits all alike.
+def soft_margin(timeout: float) -> float:
+    """How long before its kill a step stops starting cells (it finishes the one it is in)."""
+    return min(10.0, 0.2 * timeout)
 
-    Returns ({cell: [seconds]}, {cell: failure}); a cell that fails is dropped and the rest go on.
-    """
-    import torch
 
-    cells = dict(cells)
-    failed: Dict[str, Dict] = {}
+@dataclasses.dataclass
+class Child:
+    returncode: Optional[int]
+    timed_out: bool
+    output: str
+    result: Optional[Dict]
 
-    def drop(key, exc):
-        failed[key] = _describe(exc)
-        cells.pop(key, None)
-        gc.collect()
-        torch.cuda.empty_cache()
 
-    for _ in range(warmup):
-        for key, fn in list(cells.items()):
-            try:
-                fn()
-                torch.cuda.synchronize()
-            except Exception as exc:  # noqa: BLE001 - per cell
-                drop(key, exc)
-    times: Dict[str, List[float]] = {key: [] for key in cells}
-    for _ in range(repeats):
-        for key, fn in list(cells.items()):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            try:
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-            except Exception as exc:  # noqa: BLE001 - per cell
-                drop(key, exc)
-                times.pop(key, None)
+def _kill_group(pgid: int, proc: subprocess.Popen) -> None:
+    """SIGTERM to the whole process group, SIGKILL after KILL_GRACE_S (grandchildren included)."""
+    for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 0)):
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def run_child(cmd: List[str], timeout: float, env: Dict[str, str], cwd: Path, echo: bool = True) -> Child:
+    """Run one step process in its own process group; stream its output (echoed unless ``echo`` is off);
+    kill the group when ``timeout`` passes, and after the step in any case (nothing of it outlives it)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", bufsize=1, start_new_session=True)
+    lines: collections.deque = collections.deque(maxlen=300)
+    results: List[str] = []
+
+    def pump() -> None:
+        for line in proc.stdout:
+            if line.startswith(steps.RESULT_MARKER):
+                results.append(line[len(steps.RESULT_MARKER):])
                 continue
-            times[key].append(a.elapsed_time(b) / 1e3)
-    return times, failed
+            lines.append(line)
+            if echo:
+                print(line, end="", flush=True)
 
-
-def _infer(model, x):
-    import torch
-
-    with torch.inference_mode():
-        return model(x)
-
-
-def step_models(plan: Dict, device: str = "cuda") -> Dict:
-    import copy
-
-    import torch
-
-    import clustervig
-    from clustervig.utils import calibrate_batchnorm
-
-    dev = torch.device(device)
-    saved = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True  # as timing harnesses do: cuDNN picks its fastest algorithms in warm-up
-    rows: List[Dict] = []
-    res: Dict = {"repeats": plan["repeats"], "warmup": plan["warmup"], "rows": rows,
-                 "settings": {"cudnn_benchmark": True, "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-                              "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32}}
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    timed_out = False
     try:
-        for name, batches in plan["models"]:
-            log(f"  {name}: random weights, BatchNorm calibrated on the sample images")
-            try:
-                torch.manual_seed(0)
-                base = clustervig.create_model(name)
-                images, res["inputs"] = sample_images(base.cfg)
-                base = base.to(dev)
-                calibrate_batchnorm(base, [images.to(dev)])
-                variants = {}
-                for path in PATHS:
-                    m32 = copy.deepcopy(base).eval()
-                    if path == "kernels":
-                        m32.set_kernels(True)
-                    variants[path] = (m32, copy.deepcopy(m32).half())
-            except Exception as exc:  # noqa: BLE001 - this model's rows say why; the next model still runs
-                err = _describe(exc)
-                log(f"  {name}: could not be set up: {err}")
-                rows += [{"model": name, "batch": b, "path": p, "mode": m, **err}
-                         for b in batches for p in PATHS for m in MODES]
-                gc.collect()
-                torch.cuda.empty_cache()
-                continue
-            for b in batches:
-                try:
-                    x32 = images.repeat(-(-b // len(images)), 1, 1, 1)[:b].contiguous().to(dev)
-                    x16 = x32.half()
-                except Exception as exc:  # noqa: BLE001 - e.g. the batch's input alone does not fit
-                    rows += [{"model": name, "batch": b, "path": p, "mode": m, **_describe(exc)}
-                             for p in PATHS for m in MODES]
-                    continue
-                cells: Dict[str, Callable[[], object]] = {}
-                failed: Dict[str, Dict] = {}
-                for path, (m32, m16) in variants.items():
-                    for mode in MODES:
-                        key = f"{path}/{mode}"
-                        try:
-                            if mode == "eager-fp32":
-                                cells[key] = lambda m=m32, x=x32: _infer(m, x)
-                            elif mode == "eager-fp16":
-                                cells[key] = lambda m=m16, x=x16: _infer(m, x)
-                            else:
-                                cells[key] = common.cuda_graphed(m16, x16)
-                        except Exception as exc:  # noqa: BLE001 - per cell (OOM, capture refused, ...)
-                            failed[key] = _describe(exc)
-                            if "error" in failed[key] and mode.startswith("cudagraph"):
-                                failed[key]["error"] = "CUDA-graph capture failed: " + failed[key]["error"]
-                            gc.collect()
-                            torch.cuda.empty_cache()
-                times, late = time_cells(cells, plan["repeats"], plan["warmup"])
-                failed.update(late)
-                for path in PATHS:
-                    for mode in MODES:
-                        key = f"{path}/{mode}"
-                        row = {"model": name, "batch": b, "path": path, "mode": mode}
-                        if key in times and times[key]:
-                            ts = times[key]
-                            med = statistics.median(ts)
-                            row.update(median_s=med, min_s=min(ts), max_s=max(ts), throughput_img_s=b / med)
-                            log(f"  {name:<8} b={b:<4} {path:<8} {mode:<15} {med * 1e3:9.2f} ms {b / med:10.1f} img/s")
-                        else:
-                            row.update(failed.get(key, {"error": "not timed"}))
-                            log(f"  {name:<8} b={b:<4} {path:<8} {mode:<15} {'OOM' if row.get('oom') else row.get('error')}")
-                        rows.append(row)
-                del cells, times, x32, x16
-                gc.collect()
-                torch.cuda.empty_cache()
-            del variants, base
-            gc.collect()
-            torch.cuda.empty_cache()
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
     finally:
-        torch.backends.cudnn.benchmark = saved
-    if rows and not any("throughput_img_s" in r for r in rows):
-        res["status"] = "failed"
-        res["error"] = "no cell could be timed"
+        _kill_group(proc.pid, proc)
+    reader.join(5)
+    try:
+        result = json.loads(results[-1]) if results else None
+    except json.JSONDecodeError:
+        result = None
+    return Child(proc.returncode, timed_out, "".join(lines), result)
+
+
+def child_result(child: Child, timeout: float) -> Dict:
+    """The step's own result, or what its end says: killed at its timeout, or died without a result."""
+    if child.result is not None:
+        res = child.result
+    elif child.timed_out:
+        res = {"status": "timeout", "error": f"no result within its {timeout:.0f} s: its processes were killed"}
+    elif child.returncode is not None and child.returncode < 0:
+        res = {"status": "crashed", "error": f"killed by {signal.Signals(-child.returncode).name}"}
+    else:
+        res = {"status": "crashed", "error": f"exited with {child.returncode} without a result"}
+    res["returncode"] = child.returncode
+    res["output_tail"] = tail(child.output)
     return res
+
+
+def collect_partial(name: str, res: Dict, files: Dict[str, Path]) -> None:
+    """What a step wrote as it went (all of it, also when the step crashed or was killed)."""
+    if name in ("kernels", "models"):
+        lines = steps.read_lines(files[name])
+        info = {k: v for line in lines for k, v in line.get("info", {}).items()}
+        key = "case" if name == "kernels" else "row"
+        items = [line[key] for line in lines if key in line]
+        if name == "kernels":
+            res["data"] = {**info, "cases": items}
+        else:
+            res.update(info, rows=items)
+    elif name == "tests" and not res.get("counts") and files["pytest_log"].is_file():
+        text = files["pytest_log"].read_text(errors="replace")
+        res["counts"] = steps.parse_pytest_progress(text)
+        res["log_tail"] = tail(text, 2000)
+
+
+# ----------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------
+
+
+def output_dirs(args, build_dir: Path) -> Tuple[Path, Path, Path]:
+    """(report folder, BENCHMARKS.md, logs folder): --out gets everything, flat; --quick its own folder;
+    a full run the repository's bench/results/ and BENCHMARKS.md, its logs under the build folder."""
+    if args.out:
+        out = args.out.resolve()
+        return out, out / "BENCHMARKS.md", out
+    if args.quick:
+        return QUICK_OUT, QUICK_OUT / "BENCHMARKS.md", QUICK_OUT
+    return common.RESULTS, common.BENCHMARKS_MD, build_dir / "logs"
+
+
+def no_gpu_reason() -> Optional[str]:
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA"
+    return (f"no CUDA GPU: torch.cuda.is_available() is False (torch {torch.__version__}, {built}); "
+            "run this on a machine with an NVIDIA GPU")
+
+
+class Run:
+    """One acceptance run: the preflight, the steps in their processes, and the report after each."""
+
+    def __init__(self, args, argv: Sequence[str], budget: Budget) -> None:
+        self.args, self.budget = args, budget
+        self.build_dir = (args.build_dir or BUILD_DIR).resolve()
+        self.out_dir, self.md_path, self.logs_dir = output_dirs(args, self.build_dir)
+        self.import_root = self.build_dir / "python"
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1",
+                        PYTHONPATH=os.pathsep.join(filter(None, [str(self.import_root), os.environ.get("PYTHONPATH")])))
+        self.ctx = steps.Context(fake=args.fake_device, quick=args.quick, build_dir=str(self.build_dir),
+                                 logs_dir=str(self.logs_dir))
+        plan = self.ctx.plan
+        self.results: Dict = {
+            "command": "python -m bench.gpu_acceptance" + "".join(f" {a}" for a in argv),
+            "quick": bool(args.quick), "fake_device": bool(args.fake_device), "budget_s": budget.total,
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "device": {"name": "unknown GPU"}, "versions": {},
+            "plan": {"models": plan["models"], "repeats": plan["repeats"], "warmup": plan["warmup"]},
+            "steps": {},
+        }
+
+    # -- the sequence ------------------------------------------------------------
+
+    def execute(self) -> int:
+        for folder in (self.out_dir, self.logs_dir, self.build_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        make_import_root(self.import_root)
+        self.preflight()
+        for path in self.ctx.files().values():  # never report an earlier run's measurements as this one's
+            path.unlink(missing_ok=True)
+        if self.args.skip_build:
+            self.use_libraries()
+        self.write_report()
+        planned = [(name, w, self.skip_reason(name)) for name, w in STEP_WEIGHTS]
+        for i, (name, weight, skip) in enumerate(planned):
+            skip = skip or self.skip_reason(name, after_build=True)
+            later = sum(w for _, w, s in planned[i + 1:] if not s)
+            timeout = self.budget.share(weight, later)
+            if skip or timeout < min(1.0, MIN_STEP_FRACTION * self.budget.total):
+                status = "skipped" if skip else "skipped: budget"
+                self.results["steps"][name] = {"status": status, "note": skip or f"{self.budget.left():.0f} s left"}
+                log(f"step {i + 1}/{len(planned)} {name}: {status} ({self.results['steps'][name]['note']})")
+            else:
+                self.run_step(name, f"{i + 1}/{len(planned)}", timeout)
+            if name == "build":
+                self.use_libraries()
+            self.write_report()
+        return self.finish()
+
+    def preflight(self) -> None:
+        """Tools (here) and the device and modules (in a step process); printed before anything else."""
+        tools = find_tools()
+        if tools["nvidia-smi"].get("compute_cap"):
+            self.ctx.arch = tools["nvidia-smi"]["compute_cap"].replace(".", "")
+        self.ctx.tools = tools
+        pre = self.child("preflight", min(PREFLIGHT_S, max(1.0, self.budget.left())), echo=False)
+        lines = preflight_lines(pre, tools, self.budget.total)
+        for line in lines:
+            log(line)
+        dev = pre.get("device") or {}
+        if dev.get("capability"):
+            self.ctx.arch = dev["capability"].replace(".", "")
+        self.ctx.slug = device_slug(dev.get("name", "unknown GPU"))
+        self.results.update(device=dev or self.results["device"], versions=pre.get("versions") or {},
+                            machine=pre.pop("machine", None), preflight={**pre, "lines": lines, "tools": tools})
+        log(f"results to {self.out_dir}, logs to {self.logs_dir}")
+
+    def skip_reason(self, name: str, after_build: bool = False) -> Optional[str]:
+        """Why a step will not run: an option, or (after the build) a tool or product it needs is missing."""
+        if name == "build" and self.args.skip_build:
+            return "--skip-build"
+        if name == "tests" and self.args.skip_tests:
+            return "--skip-tests"
+        if name in SANITIZERS and not self.args.fake_device:
+            if not self.ctx.tool("compute-sanitizer"):
+                return "compute-sanitizer not found"
+            driver = self.build_dir / steps.SANITIZE_DRIVER
+            if after_build and not driver.is_file():
+                return f"{driver.name} was not built"
+        return None
+
+    def use_libraries(self) -> None:
+        """Point CVIG_KERNELS_LIB / CVIG_KERNELS_HOST_LIB of the later steps at this build's libraries."""
+        products = steps.build_products(self.build_dir)
+        for key, env in steps.LIBRARY_ENV.items():
+            if products[key].is_file():
+                self.env[env] = str(products[key])
+
+    def child(self, name: str, timeout: float, echo: bool = True) -> Dict:
+        now = time.time()
+        ctx = dataclasses.replace(self.ctx, deadline=now + timeout, soft_deadline=now + timeout - soft_margin(timeout))
+        cmd = [sys.executable, "-m", "bench.gpu_acceptance_steps", name, json.dumps(dataclasses.asdict(ctx))]
+        res = child_result(run_child(cmd, timeout, self.env, self.import_root, echo), timeout)
+        collect_partial(name, res, ctx.files())
+        return res
+
+    def run_step(self, name: str, index: str, timeout: float) -> None:
+        log(f"step {index} {name} (timeout {timeout:.0f} s; {self.budget.left():.0f} s of the budget left) ...")
+        self.results["steps"][name] = {"status": "running", "timeout_s": round(timeout, 1)}
+        self.write_report()
+        t0 = time.monotonic()
+        res = self.child(name, timeout)
+        res.update(seconds=round(time.monotonic() - t0, 1), timeout_s=round(timeout, 1))
+        self.results["steps"][name] = res
+        detail = f": {res['error'].splitlines()[0]}" if res.get("error") else ""
+        log(f"step {index} {name}: {res['status']} in {res['seconds']:.0f} s{detail}")
+
+    def write_report(self) -> None:
+        try:
+            write_report(self.results, self.out_dir, self.md_path)
+        except Exception as exc:  # noqa: BLE001 - the next step's report may succeed; the run goes on
+            log(f"report not written: {steps.first_line(exc)}")
+
+    def finish(self) -> int:
+        for g in self.results.get("goals", []):
+            log(f"goal: {g['goal']}: {_verdict(g['met']).strip('*')} (target {g['target']}, measured {g['measured']})")
+        name = self.results["device"].get("name", "unknown GPU")
+        log(f"wrote {self.out_dir / ('gpu_acceptance_' + device_slug(name) + '.json')} and the "
+            f"'GPU acceptance: {name}' section of {self.md_path}; {self.budget.left():.0f} s of the budget left")
+        bad = [f"{n} ({s['status']})" for n, s in self.results["steps"].items() if s.get("status") in FAILING]
+        if self.results.get("preflight", {}).get("status") not in (None, "ok"):
+            bad.insert(0, f"preflight ({self.results['preflight']['status']})")
+        log("all steps passed" if not bad else f"not passed: {', '.join(bad)}")
+        return 1 if bad else 0
 
 
 # ----------------------------------------------------------------------------
@@ -495,7 +535,7 @@ def evaluate_goals(results: Dict) -> List[Dict]:
 
 
 def _settings(st: Optional[Dict]) -> str:
-    if not st:
+    if not st or "cudnn_benchmark" not in st:
         return ""
     onoff = {True: "on", False: "off"}
     return (f"cuDNN benchmark {onoff.get(st.get('cudnn_benchmark'), '?')}, TF32 convolutions "
@@ -511,6 +551,8 @@ def _cell(row: Optional[Dict], notes: List[str]) -> str:
         return "—"
     if row.get("throughput_img_s"):
         return _fmt_rate(row["throughput_img_s"])
+    if row.get("skipped"):
+        return f"skipped: {row['skipped']}"
     if row.get("oom"):
         return "OOM"
     msg = row.get("error", "failed")
@@ -519,11 +561,94 @@ def _cell(row: Optional[Dict], notes: List[str]) -> str:
     return f"error [{notes.index(msg) + 1}]"
 
 
+def _step_detail(name: str, s: Dict) -> str:
+    """The steps table's detail cell: why a step did not pass, else what it found."""
+    status = s.get("status", "")
+    if status.startswith("skipped"):
+        return s.get("note", "")
+    if status != "ok" and s.get("error"):
+        return s["error"].splitlines()[0][:200]
+    if name == "build":
+        detail = f"sm_{s.get('arch')}, {s.get('nvcc_version') or 'nvcc'}"
+        if s.get("werror_off"):
+            detail += f"; built with -DCVIG_WERROR=OFF (with -Werror: {s['attempts'][0].get('error', 'failed')[:120]})"
+        return detail
+    if name == "tests" and s.get("counts"):
+        return ", ".join(f"{v} {k}" for k, v in s["counts"].items())
+    if name in SANITIZERS and s.get("errors") is not None:
+        return "; ".join(filter(None, [f"{s['errors']} errors", s.get("racecheck_summary"), s.get("driver_summary")]))
+    if name == "kernels" and s.get("data"):
+        return f"{len(s['data'].get('cases', []))} cases"
+    if name == "models" and s.get("inputs"):
+        return f"inputs: {s['inputs']}; median of {s.get('repeats')} rounds after {s.get('warmup')} warm-up"
+    return s.get("note", "")
+
+
+def _steps_table(steps_done: Dict) -> List[str]:
+    lines = ["| step | status | seconds | detail |", "|---|---|---:|---|"]
+    for name, _ in STEP_WEIGHTS:
+        s = steps_done.get(name)
+        if s is not None:
+            secs = f"{s['seconds']:.0f}" if isinstance(s.get("seconds"), (int, float)) else ""
+            lines.append(f"| {name} | {s.get('status', '?')} | {secs} | {_step_detail(name, s).replace('|', '/')} |")
+    return lines
+
+
+def _kernel_table(kernels: Dict) -> List[str]:
+    data = kernels.get("data") or {}
+    lines = ["", "### Plugin kernels vs the PyTorch ops they replace (GPU µs per call)", "",
+             f"`plugins/bench_kernels.py`: {data.get('inner', '?')} calls captured in one CUDA graph, median of "
+             f"{data.get('repeats', '?')} replays (launch overhead excluded; '(eager)': the graph could not be "
+             "captured, plain launches timed).", "",
+             "| case | B | N | C | kappa | K | dtype | " + " | ".join(t for t, _ in KERNEL_OPS) + " |",
+             "|---|---:|---:|---:|---:|---:|---|" + "---:|" * len(KERNEL_OPS)]
+    for c in data.get("cases") or []:
+        sh = c["shape"]
+        cells = []
+        for _, op in KERNEL_OPS:
+            t = (c.get("times_us") or {}).get(op) or {}
+            if t.get("gpu_us") is not None:
+                cells.append(f"{t['gpu_us']:.1f}")
+            elif t.get("eager_us") is not None:
+                cells.append(f"{t['eager_us']:.1f} (eager)")
+            else:
+                cells.append("—")
+        name = c["name"] + (f" (skipped: {c['skipped']})" if c.get("skipped") else " (error)" if c.get("error") else "")
+        lines.append(f"| {name} | {sh['batch']} | {sh['tokens']} | {sh['dim']} | {sh['clusters']} | {sh['k']} "
+                     f"| {c['dtype'].upper()} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _model_table(models: Dict) -> List[str]:
+    rows = models.get("rows") or []
+    notes: List[str] = []
+    by = {(r["model"], r["batch"], r["path"], r["mode"]): r for r in rows}
+    lines = ["", "### Whole model, PyTorch CUDA (images per second)", "",
+             "Random weights (BatchNorm calibrated on the inputs); static: the pure static form (PyTorch ops), "
+             "kernels: `set_kernels(True)` (k-means, k-NN, centroid means and gather-max on the plugin kernels); "
+             "eager: one forward per call, cudagraph: the forward captured once and replayed; CUDA-event time "
+             f"per call, median of {models.get('repeats', '?')} interleaved rounds of the two paths. "
+             + _settings(models.get("settings")),
+             "", "| model | batch | mode | static | kernels | kernels / static |", "|---|---:|---|---:|---:|---:|"]
+    for model, b in dict.fromkeys((r["model"], r["batch"]) for r in rows):
+        for mode in MODES:
+            st, ke = by.get((model, b, "static", mode)), by.get((model, b, "kernels", mode))
+            if st is None and ke is None:
+                continue
+            ratio = (f"{ke['throughput_img_s'] / st['throughput_img_s']:.2f}x"
+                     if st and ke and st.get("throughput_img_s") and ke.get("throughput_img_s") else "—")
+            lines.append(f"| {model} | {b} | {mode} | {_cell(st, notes)} | {_cell(ke, notes)} | {ratio} |")
+    if notes:
+        lines += [""] + [f"[{i}] {n.replace('|', '/')}" + "  " for i, n in enumerate(notes, 1)]
+    return lines
+
+
 def render_markdown(results: Dict) -> str:
     dev = results.get("device", {})
     ver = results.get("versions", {})
-    steps = results.get("steps", {})
+    steps_done = results.get("steps", {})
     goals = results.get("goals") or evaluate_goals(results)
+    pre = (results.get("preflight") or {}).get("lines") or []
     lines = [
         f"## GPU acceptance: {dev.get('name', 'unknown GPU')}",
         "",
@@ -531,77 +656,20 @@ def render_markdown(results: Dict) -> str:
         f"torch {ver.get('torch', '?')}, CUDA {ver.get('cuda', '?')}, compute capability {dev.get('capability', '?')}, "
         f"{dev.get('sms', '?')} SMs, {dev.get('memory_gib', '?')} GiB"
         + (" — **quick run** (small batches, few repeats)" if results.get("quick") else "")
+        + (" — **fake device** (CPU stand-ins: no GPU measured)" if results.get("fake_device") else "")
         + f". Raw results: `gpu_acceptance_{device_slug(dev.get('name', 'gpu'))}.json`.",
-        "",
-        "### Goals",
-        "",
-        "| goal | target | measured | verdict |",
-        "|---|---|---|---|",
     ]
+    if pre:
+        lines += [""] + [f"{line.replace('|', '/')}  " for line in pre]
+    lines += ["", "### Goals", "", "| goal | target | measured | verdict |", "|---|---|---|---|"]
     for g in goals:
         lines.append(f"| {g['goal']} | {g['target']} | {g['measured']} | {_verdict(g['met'])} |")
-    lines += ["", "### Steps", "", "| step | status | seconds | detail |", "|---|---|---:|---|"]
-    for name in ("build", "tests", "kernels", "models"):
-        s = steps.get(name)
-        if s is None:
-            continue
-        if s.get("status") == "failed":
-            detail = (s.get("error") or "").splitlines()[0][:200] if s.get("error") else ""
-        elif name == "build" and s.get("status") == "ok":
-            detail = f"sm_{s.get('arch')}, {s.get('nvcc_version', 'nvcc')}"
-        elif name == "tests" and s.get("counts"):
-            detail = ", ".join(f"{v} {k}" for k, v in s["counts"].items())
-        elif name == "kernels" and s.get("json"):
-            detail = f"`{Path(s['json']).name}`"
-        elif name == "models" and s.get("inputs"):
-            detail = f"inputs: {s['inputs']}; median of {s.get('repeats')} rounds after {s.get('warmup')} warm-up"
-        else:
-            detail = s.get("note", "")
-        secs = f"{s['seconds']:.0f}" if isinstance(s.get("seconds"), (int, float)) else ""
-        lines.append(f"| {name} | {s.get('status', '?')} | {secs} | {detail.replace('|', '/')} |")
-    cases = _kernel_cases(results)
-    if cases:
-        kd = steps["kernels"]["data"]
-        lines += ["", "### Plugin kernels vs the PyTorch ops they replace (GPU µs per call)", "",
-                  f"`plugins/bench_kernels.py`: {kd.get('inner', '?')} calls captured in one CUDA graph, median of "
-                  f"{kd.get('repeats', '?')} replays (launch overhead excluded; '(eager)': the graph could not be "
-                  "captured, plain launches timed).", "",
-                  "| case | B | N | C | kappa | K | dtype | " + " | ".join(t for t, _ in KERNEL_OPS) + " |",
-                  "|---|---:|---:|---:|---:|---:|---|" + "---:|" * len(KERNEL_OPS)]
-        for c in cases:
-            sh = c["shape"]
-            cells = []
-            for _, op in KERNEL_OPS:
-                t = (c.get("times_us") or {}).get(op) or {}
-                if t.get("gpu_us") is not None:
-                    cells.append(f"{t['gpu_us']:.1f}")
-                elif t.get("eager_us") is not None:
-                    cells.append(f"{t['eager_us']:.1f} (eager)")
-                else:
-                    cells.append("—")
-            lines.append(f"| {c['name']} | {sh['batch']} | {sh['tokens']} | {sh['dim']} | {sh['clusters']} | {sh['k']} "
-                         f"| {c['dtype'].upper()} | " + " | ".join(cells) + " |")
-    rows = (steps.get("models") or {}).get("rows") or []
-    if rows:
-        notes: List[str] = []
-        by = {(r["model"], r["batch"], r["path"], r["mode"]): r for r in rows}
-        lines += ["", "### Whole model, PyTorch CUDA (images per second)", "",
-                  "Random weights (BatchNorm calibrated on the inputs); static: the pure static form (PyTorch ops), "
-                  "kernels: `set_kernels(True)` (k-means, k-NN, centroid means and gather-max on the plugin kernels); "
-                  "eager: one forward per call, cudagraph: the forward captured once and replayed; CUDA-event time "
-                  f"per call, median of {steps['models'].get('repeats', '?')} interleaved rounds. "
-                  + _settings(steps["models"].get("settings")),
-                  "", "| model | batch | mode | static | kernels | kernels / static |", "|---|---:|---|---:|---:|---:|"]
-        for model, b in dict.fromkeys((r["model"], r["batch"]) for r in rows):
-            for mode in MODES:
-                st, ke = by.get((model, b, "static", mode)), by.get((model, b, "kernels", mode))
-                if st is None and ke is None:
-                    continue
-                ratio = (f"{ke['throughput_img_s'] / st['throughput_img_s']:.2f}x"
-                         if st and ke and st.get("throughput_img_s") and ke.get("throughput_img_s") else "—")
-                lines.append(f"| {model} | {b} | {mode} | {_cell(st, notes)} | {_cell(ke, notes)} | {ratio} |")
-        if notes:
-            lines += [""] + [f"[{i}] {n.replace('|', '/')}" + "  " for i, n in enumerate(notes, 1)]
+    budget = f" (budget {results['budget_s']:.0f} s)" if isinstance(results.get("budget_s"), (int, float)) else ""
+    lines += ["", f"### Steps{budget}", ""] + _steps_table(steps_done)
+    if _kernel_cases(results):
+        lines += _kernel_table(steps_done["kernels"])
+    if (steps_done.get("models") or {}).get("rows"):
+        lines += _model_table(steps_done["models"])
     return "\n".join(lines)
 
 
@@ -611,16 +679,22 @@ def render_json(results: Dict) -> str:
 
 
 def write_report(results: Dict, out_dir: Path, md_path: Path) -> Dict:
-    """gpu_acceptance_<device>.json in out_dir and this GPU's section of md_path (other sections kept)."""
+    """gpu_acceptance_<device>.json in out_dir and this GPU's section of md_path (other sections kept),
+    both replaced atomically: a kill mid-write leaves the previous report, never half of one."""
+    from clustervig.utils import atomic_path, write_json_atomic
+
     slug = device_slug(results["device"]["name"])
     results["goals"] = evaluate_goals(results)
-    saved = common.RESULTS, common.BENCHMARKS_MD
-    common.configure(out_dir, md_path)
-    try:
-        path = common.write_json(f"gpu_acceptance_{slug}", json.loads(render_json(results)))
-        common.update_section(f"gpu-acceptance-{slug}", render_markdown(results))
-    finally:
-        common.configure(*saved)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"gpu_acceptance_{slug}.json"
+    write_json_atomic(path, json.loads(render_json(results)))
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(md_path) as tmp_md:
+        if md_path.is_file():
+            shutil.copyfile(md_path, tmp_md)
+        else:
+            tmp_md.unlink()  # update_section starts a new file, with its heading
+        common.update_section(f"gpu-acceptance-{slug}", render_markdown(results), path=tmp_md)
     return {"json": str(path), "markdown": str(md_path)}
 
 
@@ -629,97 +703,34 @@ def write_report(results: Dict, out_dir: Path, md_path: Path) -> Dict:
 # ----------------------------------------------------------------------------
 
 
-def run_step(results: Dict, name: str, index: int, fn: Callable[[], Dict]) -> Dict:
-    log(f"step {index}/5 {name} ...")
-    t0 = time.perf_counter()
-    try:
-        res = fn() or {}
-        res.setdefault("status", "ok")
-    except Exception as exc:  # noqa: BLE001 - one step's failure is recorded, the others still run
-        res = {"status": "failed", "error": _first_line(exc) + ("\n" + str(exc) if "\n" in str(exc) else ""),
-               "traceback": _tail(traceback.format_exc(), 3000)}
-    res["seconds"] = round(time.perf_counter() - t0, 1)
-    results["steps"][name] = res
-    detail = f": {res['error'].splitlines()[0]}" if res.get("error") else ""
-    log(f"step {index}/5 {name}: {res['status']} in {res['seconds']:.0f}s{detail}")
-    return res
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = common.parser("python -m bench.gpu_acceptance", __doc__)
     ap.add_argument("--quick", action="store_true", help="small batches and few repeats (smoke run)")
     ap.add_argument("--skip-build", action="store_true", help="use the libraries already in build/gpu-acceptance/")
     ap.add_argument("--skip-tests", action="store_true", help="do not run the gpu-marked tests")
-    ap.add_argument("--out", type=Path, help="directory for the JSON results and a BENCHMARKS.md with this section")
+    ap.add_argument("--out", type=Path, help="folder for every file of the run, flat (at most 7)")
+    ap.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
+                    help=f"seconds for the whole run (default {DEFAULT_BUDGET_S:.0f})")
+    # for the tests on a CPU machine: CPU stand-ins of every step (faults planted with $CVIG_ACCEPTANCE_PLANT),
+    # and a build folder of their own
+    ap.add_argument("--fake-device", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--build-dir", type=Path, help=argparse.SUPPRESS)
     return ap
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) -> int:
+    """The command; ``started``: when the budget's clock started (the command passes its import time)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    import torch
-
-    if not torch.cuda.is_available():
-        built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA"
-        print(f"no CUDA GPU: torch.cuda.is_available() is False (torch {torch.__version__}, {built}); "
-              "run this on a machine with an NVIDIA GPU", file=sys.stderr)
+    budget = Budget(args.budget, start=started)
+    reason = None if args.fake_device else no_gpu_reason()
+    if reason:
+        print(reason, file=sys.stderr)
         return 2
-    try:
-        import clustervig.plugins.kernels  # noqa: F401 - the installed package, with clustervig.plugins
-    except ImportError as exc:
-        print(f"cannot import clustervig.plugins ({exc}): run `pip install --no-deps --no-build-isolation -e .` "
-              "in the repository first", file=sys.stderr)
-        return 1
-    plan = QUICK if args.quick else FULL
-    out_dir = args.out or (QUICK_OUT if args.quick else common.RESULTS)
-    md_path = (out_dir / "BENCHMARKS.md") if (args.out or args.quick) else common.BENCHMARKS_MD
-    out_dir.mkdir(parents=True, exist_ok=True)
-    props = torch.cuda.get_device_properties(0)
-    cap = torch.cuda.get_device_capability(0)
-    slug = device_slug(props.name)
-    results: Dict = {
-        "command": "python -m bench.gpu_acceptance" + ("".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))),
-        "quick": bool(args.quick),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": {"name": props.name, "capability": f"{cap[0]}.{cap[1]}", "sms": props.multi_processor_count,
-                   "memory_gib": round(props.total_memory / 2**30, 1)},
-        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda,
-                     "cudnn": torch.backends.cudnn.version(), "python": platform.python_version()},
-        "machine": common.machine(),
-        "plan": {"models": plan["models"], "repeats": plan["repeats"], "warmup": plan["warmup"]},
-        "steps": {},
-    }
-    log(f"{props.name} (sm_{cap[0]}{cap[1]}, {props.multi_processor_count} SMs), torch {torch.__version__}, "
-        f"CUDA {torch.version.cuda}; results to {out_dir}")
-    arch = f"{cap[0]}{cap[1]}"
-    if args.skip_build:
-        chosen = use_libraries(BUILD_DIR)
-        results["steps"]["build"] = {"status": "skipped", "seconds": 0.0, "libraries": chosen,
-                                     "note": "--skip-build: " + (", ".join(chosen.values()) if chosen else
-                                                                 "no library in build/gpu-acceptance/, "
-                                                                 "the default search applies")}
-        log(f"step 1/5 build: skipped ({results['steps']['build']['note']})")
-    else:
-        b = run_step(results, "build", 1, lambda: step_build(arch, BUILD_DIR))
-        if b["status"] == "ok":
-            b["libraries"] = use_libraries(BUILD_DIR)
-    if args.skip_tests:
-        results["steps"]["tests"] = {"status": "skipped", "seconds": 0.0, "note": "--skip-tests"}
-        log("step 2/5 tests: skipped (--skip-tests)")
-    else:
-        run_step(results, "tests", 2, lambda: step_tests(timeout=1800))
-    run_step(results, "kernels", 3, lambda: step_kernels(out_dir, slug, plan["kernel_repeats"], plan["kernel_inner"],
-                                                           timeout=1200))
-    run_step(results, "models", 4, lambda: step_models(plan))
-
-    rep = run_step(results, "report", 5, lambda: write_report(results, out_dir, md_path))
-    for g in results.get("goals", []):
-        log(f"goal: {g['goal']}: {_verdict(g['met']).strip('*')} (target {g['target']}, measured {g['measured']})")
-    if rep["status"] == "ok":
-        log(f"wrote {rep['json']} and the 'GPU acceptance: {props.name}' section of {rep['markdown']}")
-    failed = [n for n, s in results["steps"].items() if s.get("status") == "failed"]
-    log("all steps passed" if not failed else f"failed steps: {', '.join(failed)}")
-    return 1 if failed else 0
+    # killed from outside (`timeout 540 ...`): exit through the running step's cleanup, which kills its group
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    return Run(args, argv, budget).execute()
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(started=STARTED))

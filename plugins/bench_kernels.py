@@ -2,7 +2,7 @@
 
     python plugins/bench_kernels.py                       # the acceptance cases below, with their goals
     python plugins/bench_kernels.py --batch 8 --tokens 784 --dim 640 --clusters 6 --k 9 [--fp16]   # one shape
-    options: --repeats 30 --inner 20 --out PATH
+    options: --repeats 30 --inner 20 --budget SECONDS --out PATH
 
 Acceptance cases (the shapes one Grapher sees), FP16 and FP32 each:
 
@@ -23,20 +23,22 @@ replayed between two CUDA events (no launch overhead: at B = 1 a ctypes launch
 costs more CPU time than the k-means kernel takes on the GPU, and a TensorRT
 engine or CUDA graph does not pay it); ``eager_us``: ``--inner`` plain calls
 between two events (launches included). Writes bench/results/kernels_<device>.json
-(or ``--out``).
+(or ``--out``) after every case, so a crash keeps the cases before it; ``--budget``
+stops starting cases once the time is up (they are recorded as skipped).
+
+Importing this file needs no torch (``python -m bench.gpu_acceptance`` runs :func:`run_plan`
+with CPU stand-ins on a machine without a GPU); the measuring functions import it.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import re
 import statistics
 import sys
+import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
-
-import torch
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 KMEANS_ITERS = 20
@@ -47,16 +49,26 @@ CASES = [
     ("cvig_ti DEGC", 64, 196, 192, 4, 9),
     ("cvig_b_hr DEGC", 1, 784, 640, 6, 9),
 ]
+DTYPES = ("fp16", "fp32")
+# one case of a plan: name, batch, tokens, dim, clusters, K, dtype ("fp16" / "fp32")
+Case = Tuple[str, int, int, int, int, int, str]
+
+
+def default_plan() -> List[Case]:
+    """The acceptance cases, FP16 and FP32 each."""
+    return [(*case, dt) for case in CASES for dt in DTYPES]
 
 
 def device_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
 
 
-def _torch_kmeans(xn, k: int, iters: int, init: torch.Tensor):
+def _torch_kmeans(xn, k: int, iters: int, init):
     # The static form's k-means (clustervig.graph.kmeans) with its initial
     # indices made once outside: graph.kmeans builds them with torch.tensor(),
     # a host-to-device copy that CUDA-graph capture refuses.
+    import torch
+
     from clustervig.graph import kmeans_assign, one_hot
 
     centroids = xn.index_select(1, init)
@@ -76,8 +88,10 @@ def _first_line(exc: BaseException) -> str:
 
 def time_ops(fns: Dict[str, Callable[[], object]], repeats: int, inner: int) -> Dict[str, Dict]:
     """{name: {"gpu_us", "eager_us", "error"}}: see the module docstring; rounds interleave the ops."""
+    import torch
+
     out: Dict[str, Dict] = {name: {"gpu_us": None, "eager_us": None} for name in fns}
-    graphs: Dict[str, torch.cuda.CUDAGraph] = {}
+    graphs: Dict[str, object] = {}
     broken = set()
     side = torch.cuda.Stream()
     for name, fn in fns.items():
@@ -124,10 +138,14 @@ def time_ops(fns: Dict[str, Callable[[], object]], repeats: int, inner: int) -> 
     return out
 
 
-def run_case(kern, name: str, b: int, n: int, c: int, k: int, kk: int, dtype: torch.dtype, repeats: int,
+def run_case(kern, name: str, b: int, n: int, c: int, k: int, kk: int, dtype: str, repeats: int,
              inner: int) -> Dict:
+    """Times of every op at one shape; ``dtype`` "fp16" or "fp32"."""
+    import torch
+
     from clustervig.graph import gather_max, kmeans_init_indices, l2_normalize, segment_mean
 
+    dtype_name, dtype = dtype, {"fp16": torch.float16, "fp32": torch.float32}[dtype]
     dev = torch.device("cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(b, n, c, device=dev, generator=g).to(dtype)
@@ -160,9 +178,7 @@ def run_case(kern, name: str, b: int, n: int, c: int, k: int, kk: int, dtype: to
     }
     with torch.inference_mode():
         times = time_ops(fns, repeats, inner)
-    res = {"name": name, "dtype": "fp16" if dtype == torch.float16 else "fp32",
-           "shape": {"batch": b, "tokens": n, "dim": c, "clusters": k, "k": kk, "kmeans_iters": KMEANS_ITERS},
-           "times_us": times}
+    res = {**case_entry((name, b, n, c, k, kk, dtype_name)), "times_us": times}
     km, nn_, cv = (times[o]["gpu_us"] for o in ("kmeans_kernel", "knn_kernel", "grapher_fc1_fc2_convs"))
     if km is not None and nn_ is not None:
         res["kmeans_plus_knn_kernels_gpu_us"] = round(km + nn_, 2)
@@ -198,6 +214,82 @@ def goals(cases: List[Dict]) -> List[Dict]:
     return out
 
 
+def case_entry(case: Case) -> Dict:
+    """The identifying part of a case's result (name, dtype, shape), with no times yet."""
+    name, b, n, c, k, kk, dtype = case
+    return {"name": name, "dtype": dtype,
+            "shape": {"batch": b, "tokens": n, "dim": c, "clusters": k, "k": kk, "kmeans_iters": KMEANS_ITERS},
+            "times_us": {}}
+
+
+def run_plan(plan: Sequence[Case], run_one: Callable[[Case], Dict], soft_deadline: Optional[float] = None,
+             on_case: Optional[Callable[[List[Dict]], None]] = None) -> List[Dict]:
+    """Run every case of ``plan`` with ``run_one``; returns the case results in plan order.
+
+    A case that raises is recorded with its error and the others still run. With ``soft_deadline``
+    (``time.time()`` seconds) no case is started that the previous one's duration says would end after
+    it: those are recorded as ``"skipped": "budget"``, so a time limit never loses the cases measured.
+    ``on_case(cases so far)`` runs after each case (the callers write their results file there).
+    """
+    cases: List[Dict] = []
+    last_s = 0.0
+    for case in plan:
+        if soft_deadline is not None and time.time() + last_s > soft_deadline:
+            res = {**case_entry(case), "skipped": "budget"}
+            print(f"[kernels] {res['name']} {res['dtype']}: skipped (budget)", flush=True)
+        else:
+            t0 = time.time()
+            res = _run_logged(case, run_one)
+            last_s = time.time() - t0
+        cases.append(res)
+        if on_case is not None:
+            on_case(cases)
+    return cases
+
+
+def _run_logged(case: Case, run_one: Callable[[Case], Dict]) -> Dict:
+    name, b, n, c, k, kk, dtype = case
+    print(f"[kernels] {name} B={b} N={n} C={c} kappa={k} K={kk} {dtype} ...", flush=True)
+    try:
+        res = run_one(case)
+    except Exception as exc:  # noqa: BLE001 - recorded; the other cases still run
+        res = {**case_entry(case), "error": f"{type(exc).__name__}: {_first_line(exc)}"}
+        print(f"[kernels]   failed: {res['error']}", flush=True)
+    for op, t in res["times_us"].items():
+        extra = f"  ({t['error']})" if t.get("error") else ""
+        print(f"[kernels]   {op:<24} gpu {t['gpu_us']} us   eager {t['eager_us']} us{extra}", flush=True)
+    return res
+
+
+def header(lib_path: str, repeats: int, inner: int) -> Dict:
+    """What the results file says about the run before its cases: device, versions, library, settings."""
+    import torch
+
+    return {
+        "device": torch.cuda.get_device_name(0),
+        "capability": "%d.%d" % torch.cuda.get_device_capability(0),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "library": lib_path,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "repeats": repeats,
+        "inner": inner,
+    }
+
+
+def report(head: Dict, cases: List[Dict]) -> Dict:
+    return {**head, "cases": cases, "goals": goals(cases)}
+
+
+def _plan_from_args(args) -> List[Case]:
+    shape = (args.batch, args.tokens, args.dim, args.clusters, args.k)
+    if all(v is None for v in shape):
+        return default_plan()
+    d = dict(zip(("batch", "tokens", "dim", "clusters", "k"), (64, 196, 192, 4, 9)))
+    d.update({key: v for key, v in zip(d, shape) if v is not None})
+    return [("custom", d["batch"], d["tokens"], d["dim"], d["clusters"], d["k"], "fp16" if args.fp16 else "fp32")]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int)
@@ -208,58 +300,32 @@ def main(argv=None) -> int:
     ap.add_argument("--fp16", action="store_true", help="one shape: FP16 inputs (the cases run both)")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--inner", type=int, default=20, help="calls per timed CUDA graph / eager loop")
+    ap.add_argument("--budget", type=float, help="seconds: start no case after this (the rest are recorded as skipped)")
     ap.add_argument("--out", type=Path, help="JSON path (default bench/results/kernels_<device>.json)")
     args = ap.parse_args(argv)
+    import torch
+
     if not torch.cuda.is_available():
         print("no CUDA GPU: this benchmark times CUDA kernels and needs one", file=sys.stderr)
         return 2
     from clustervig.plugins.kernels import Kernels, cuda_library
+    from clustervig.utils import write_json_atomic
 
     lib = cuda_library()  # fail here, with the library's path in the message, not inside a timing loop
     kern = Kernels()
-    shape = (args.batch, args.tokens, args.dim, args.clusters, args.k)
-    if any(v is not None for v in shape):
-        d = dict(zip(("batch", "tokens", "dim", "clusters", "k"), (64, 196, 192, 4, 9)))
-        d.update({key: v for key, v in zip(d, shape) if v is not None})
-        plan = [("custom", d["batch"], d["tokens"], d["dim"], d["clusters"], d["k"],
-                 torch.float16 if args.fp16 else torch.float32)]
-    else:
-        plan = [(*case, dt) for case in CASES for dt in (torch.float16, torch.float32)]
-    cases = []
-    for name, b, n, c, k, kk, dt in plan:
-        print(f"[kernels] {name} B={b} N={n} C={c} kappa={k} K={kk} {dt} ...", flush=True)
-        try:
-            res = run_case(kern, name, b, n, c, k, kk, dt, args.repeats, args.inner)
-        except Exception as exc:  # noqa: BLE001 - recorded; the other cases still run
-            res = {"name": name, "dtype": "fp16" if dt == torch.float16 else "fp32",
-                   "shape": {"batch": b, "tokens": n, "dim": c, "clusters": k, "k": kk, "kmeans_iters": KMEANS_ITERS},
-                   "times_us": {}, "error": f"{type(exc).__name__}: {_first_line(exc)}"}
-            print(f"[kernels]   failed: {res['error']}", flush=True)
-        for op, t in res["times_us"].items():
-            extra = f"  ({t['error']})" if t.get("error") else ""
-            print(f"[kernels]   {op:<24} gpu {t['gpu_us']} us   eager {t['eager_us']} us{extra}", flush=True)
-        cases.append(res)
-    dev = torch.cuda.get_device_name(0)
-    out = {
-        "device": dev,
-        "capability": "%d.%d" % torch.cuda.get_device_capability(0),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "library": str(lib.path),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "repeats": args.repeats,
-        "inner": args.inner,
-        "cases": cases,
-        "goals": goals(cases),
-    }
-    failed = [f"{c['name']} {c['dtype']}" for c in cases if c.get("error")]
+    head = header(str(lib.path), args.repeats, args.inner)
+    path = args.out or ROOT / "bench" / "results" / f"kernels_{device_slug(head['device'])}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.time() + args.budget if args.budget is not None else None
+    cases = run_plan(_plan_from_args(args), lambda case: run_case(kern, *case, args.repeats, args.inner), deadline,
+                     on_case=lambda done: write_json_atomic(path, report(head, done)))
+    out = report(head, cases)
+    write_json_atomic(path, out)
     for gl in out["goals"]:
         verdict = {True: "met", False: "NOT met", None: "not measured"}[gl["met"]]
         print(f"[kernels] goal: {gl['goal']}: {verdict} (measured {gl['measured_us']} us, target {gl['target_us']} us)")
-    path = args.out or ROOT / "bench" / "results" / f"kernels_{device_slug(dev)}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"[kernels] wrote {path}")
+    failed = [f"{c['name']} {c['dtype']}" for c in cases if c.get("error")]
     if failed:
         print(f"[kernels] failed cases: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
