@@ -9,7 +9,7 @@ import json
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import click
 import numpy as np
@@ -19,11 +19,12 @@ from polygraphy.backend.base import BaseRunner
 from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 from polygraphy.common import TensorMetadata
 from polygraphy.comparator import Comparator, SimpleCompareFunc
+from polygraphy.exception import PolygraphyException
 
 import clustervig
 from clustervig.checkpoint import CheckpointError, recorded_config
 from clustervig.checkpoint import build_model as build_checked_model
-from clustervig.cliutil import CTX, existing_file
+from clustervig.cliutil import CTX, MODEL_NAME, existing_file, model_help
 from clustervig.preprocess import sample_photographs, transform_spec
 from clustervig.runtime.session import RuntimeErrorWithFix, engine_metadata
 
@@ -76,15 +77,23 @@ class CastingOnnxrtRunner(OnnxrtRunner):
         return OrderedDict((k, np.asarray(v, dtype=np.float32)) for k, v in out.items())
 
 
-def onnx_runner(path: Path, graph: Optional[onnx.ModelProto] = None) -> BaseRunner:
-    name = f"onnxrt:{Path(path).name}"
+def _runner_names(paths: List[Path]) -> Dict[Path, str]:
+    """Runner names: the file name, or the path as given where two artifacts share a file name."""
+    counts: Dict[str, int] = {}
+    for p in paths:
+        counts[p.name] = counts.get(p.name, 0) + 1
+    return {p: (p.name if counts[p.name] == 1 else str(p)) for p in paths}
+
+
+def onnx_runner(path: Path, graph: Optional[onnx.ModelProto] = None, label: Optional[str] = None) -> BaseRunner:
+    name = f"onnxrt:{label or Path(path).name}"
     if graph is not None and any(n.domain == PLUGIN_DOMAIN for n in graph.graph.node):
         # a plugin graph: its Cvig* nodes run the host build of the plugin kernels
         return CastingOnnxrtRunner(lambda: ort_session(graph), name=name)
     return CastingOnnxrtRunner(SessionFromOnnx(str(path), providers=["cpu"]), name=name)
 
 
-def trt_runner(path: Path, plugins_lib: Optional[Path] = None) -> BaseRunner:
+def trt_runner(path: Path, plugins_lib: Optional[Path] = None, label: Optional[str] = None) -> BaseRunner:
     try:
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
         import tensorrt as trt
@@ -96,7 +105,7 @@ def trt_runner(path: Path, plugins_lib: Optional[Path] = None) -> BaseRunner:
             load_plugin_library(trt, plugins_lib)
         except TensorRTUnavailable as exc:
             raise click.ClickException(str(exc)) from None
-    return TrtRunner(EngineFromBytes(Path(path).read_bytes()), name=f"tensorrt:{Path(path).name}")
+    return TrtRunner(EngineFromBytes(Path(path).read_bytes()), name=f"tensorrt:{label or Path(path).name}")
 
 
 IMAGENET_SPEC = {"img_size": 224, "crop_pct": 0.9, "interpolation": "bicubic",
@@ -136,6 +145,46 @@ def _same_model_inputs(a: Optional[Dict], b: Optional[Dict]) -> bool:
     return norm(a) == norm(b)
 
 
+BatchRange = Optional[Tuple[int, int]]  # (min, max) an artifact accepts; None: not recorded, any batch
+
+
+def parse_batch_range(text: Optional[str]) -> BatchRange:
+    """``clustervig.batch`` metadata ("4" static, "1:8:32" dynamic) as (min, max); None when absent."""
+    if not text:
+        return None
+    try:
+        parts = [int(v) for v in str(text).split(":")]
+    except ValueError:
+        return None
+    return (parts[0], parts[-1]) if len(parts) in (1, 3) else None
+
+
+def describe_batches(r: Tuple[int, int]) -> str:
+    return f"a static batch of {r[0]}" if r[0] == r[1] else f"batches {r[0]} to {r[1]}"
+
+
+def common_batch(ranges: List[Tuple[Path, BatchRange]], batch: Optional[int]) -> int:
+    """The batch every artifact accepts: ``batch`` if given (checked), else the smallest one all accept.
+    Artifacts with no batch in common are refused with both named."""
+    known = [(p, r) for p, r in ranges if r is not None]
+    if batch is not None:
+        for p, r in known:
+            if not r[0] <= batch <= r[1]:
+                raise click.ClickException(f"--batch {batch}: {p} takes {describe_batches(r)} only; give a --batch "
+                                           f"it accepts{' (or leave --batch out)' if len(known) > 1 else ''}")
+        return batch
+    if not known:
+        return 1
+    low = max(known, key=lambda pr: pr[1][0])
+    high = min(known, key=lambda pr: pr[1][1])
+    if low[1][0] > high[1][1]:
+        raise click.ClickException(
+            f"{high[0]} takes {describe_batches(high[1])} and {low[0]} takes {describe_batches(low[1])}: no batch "
+            "fits both; compare artifacts exported with the same --batch, or export one with a --dynamic-batch "
+            "range that covers the other's")
+    return low[1][0]
+
+
 def run_compare(artifacts: List[Path], model: Optional[clustervig.ClusterViG], atol: float, rtol: float,
                 inputs: str, batch: Optional[int], plugins_lib: Optional[Path] = None) -> bool:
     """Compare ``artifacts`` (and ``model``, first) on inputs preprocessed as the artifacts record.
@@ -145,7 +194,8 @@ def run_compare(artifacts: List[Path], model: Optional[clustervig.ClusterViG], a
         raise click.UsageError("need at least two things to compare: several artifacts, or one with --checkpoint")
     runners: List[BaseRunner] = []
     recorded = []  # (path, spec or None, config, input size or None)
-    static_batch = None
+    batch_ranges: List[Tuple[Path, BatchRange]] = []
+    names = _runner_names(artifacts)
     for p in artifacts:
         if p.suffix in (".plan", ".engine", ".trt"):
             try:
@@ -153,7 +203,8 @@ def run_compare(artifacts: List[Path], model: Optional[clustervig.ClusterViG], a
             except RuntimeErrorWithFix as exc:
                 raise click.ClickException(str(exc)) from None
             size = None
-            runner = lambda p=p: trt_runner(p, plugins_lib)  # noqa: E731
+            batch_ranges.append((p, parse_batch_range(meta.get("clustervig.batch"))))
+            runner = lambda p=p: trt_runner(p, plugins_lib, names[p])  # noqa: E731
         else:
             try:
                 g = onnx.load(str(p), load_external_data=False)
@@ -162,9 +213,11 @@ def run_compare(artifacts: List[Path], model: Optional[clustervig.ClusterViG], a
             meta = get_metadata(g)
             dims = g.graph.input[0].type.tensor_type.shape.dim
             size = (dims[2].dim_value, dims[3].dim_value) if len(dims) == 4 and dims[2].dim_value else None
-            if dims and dims[0].dim_value:
-                static_batch = dims[0].dim_value
-            runner = lambda p=p, g=g: onnx_runner(p, g)  # noqa: E731
+            if dims and dims[0].dim_value:  # a static batch is in the graph itself
+                batch_ranges.append((p, (dims[0].dim_value, dims[0].dim_value)))
+            else:
+                batch_ranges.append((p, parse_batch_range(meta.get("clustervig.batch"))))
+            runner = lambda p=p, g=g: onnx_runner(p, g, names[p])  # noqa: E731
         spec = json.loads(meta["clustervig.preprocess"]) if "clustervig.preprocess" in meta else None
         cfg = json.loads(meta.get("clustervig.config", "{}"))
         recorded.append((p, spec, cfg, size))
@@ -207,10 +260,23 @@ def run_compare(artifacts: List[Path], model: Optional[clustervig.ClusterViG], a
         spec = {**IMAGENET_SPEC, "img_size": size[0] if size else 224}
         click.echo(f"note: no artifact records its preprocessing (not exported by cvig export): photographs are "
                    f"preprocessed the ImageNet way at {spec['img_size']} px", err=True)
-    b = batch or static_batch or 1
-    results = Comparator.run([make() for make in runners], data_loader=feeds(spec, b, inputs))
-    ok = bool(Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=atol, rtol=rtol)))
-    return ok
+    b = common_batch(batch_ranges, batch)
+    try:
+        results = Comparator.run([make() for make in runners], data_loader=feeds(spec, b, inputs))
+    except PolygraphyException as exc:
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise click.ClickException(f"Polygraphy could not run the comparison at batch {b}: {first}") from None
+    # every runner against the first (the reference), as Polygraphy's --load-outputs comparisons do; its default
+    # (neighbouring pairs) would compare B with C, D with C, ... and blame the wrong artifact
+    pairs = [(0, i) for i in range(1, len(results))]
+    acc = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=atol, rtol=rtol), comparisons=pairs)
+    ref_name = results[0][0]
+    click.echo(f"reference: {ref_name} (batch {b}, {inputs}, atol {atol:g}, rtol {rtol:g})")
+    for (_, other), iters in acc[0].items():  # one AccuracyResult per compare function: ours
+        passed = sum(all(bool(v) for v in it.values()) for it in iters)
+        verdict = "PASSED" if passed == len(iters) else "FAILED"
+        click.echo(f"  {other} vs {ref_name}: {verdict} ({passed}/{len(iters)} batches within tolerance)")
+    return bool(acc)
 
 
 @click.command(context_settings=CTX, epilog="""
@@ -223,28 +289,38 @@ Examples:
   cvig-compare out/model_fp32.onnx out/model_plugins.plan --plugins-lib build/plugins/libcvig_plugins.so
 
 \b
+Every artifact is compared with the first one given, the reference
+(PyTorch when --checkpoint is given), as Polygraphy's --load-outputs
+comparisons do: `cvig compare A B C` compares B with A and C with A, never
+B with C, so a FAILED line names the artifact that differs from the
+reference. Exit status 1 when any of them differs beyond --atol/--rtol.
+
+\b
 Inputs are preprocessed as the artifacts record (ONNX metadata, or
 model_<precision>.json / preprocess.json beside an engine). Artifacts of
 different models, input sizes or preprocessing, and a --checkpoint of
-another model, are refused.
+another model, are refused; so are artifacts with no batch size in common
+(static batches 1 and 4): the batch is the one all accept (--batch, or
+the smallest they share).
 """)
 @click.argument("artifacts", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Add the PyTorch static form (first runner, the reference) from this checkpoint.")
-@click.option("--model", "model_name", type=click.Choice(clustervig.list_models()), default=None,
-              help="Variant for --checkpoint (default: recorded in the checkpoint, else in the ONNX metadata).")
+@click.option("--model", "model_name", type=MODEL_NAME, default=None,
+              help=model_help("Variant for --checkpoint (default: recorded in the checkpoint, else in the ONNX metadata)."))
 @click.option("--atol", type=click.FloatRange(min=0), default=DEFAULT_ATOL, help="Absolute tolerance per logit.")
 @click.option("--rtol", type=click.FloatRange(min=0), default=DEFAULT_RTOL, help="Relative tolerance per logit.")
 @click.option("--inputs", type=click.Choice(["photos", "random"]), default="photos",
               help="Real photographs (scikit-image) or random tensors.")
 @click.option("--batch", type=click.IntRange(min=1), default=None,
-              help="Batch size (default: the ONNX input's static batch, else 1).")
+              help="Batch size; every artifact must accept it (default: the smallest batch all accept: a "
+                   "static export's batch, else the smallest of the dynamic ranges).")
 @click.option("--plugins-lib", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="libcvig_plugins.so, for TensorRT engines of the plugin graph (plugin graphs in ONNX need none: "
                    "they run on the host kernels).")
 def main(artifacts, checkpoint, model_name, atol, rtol, inputs, batch, plugins_lib):
-    """Compare ClusterViG artifacts with each other and with PyTorch (Polygraphy Comparator).
-    Exits non-zero when any pair differs beyond the tolerances."""
+    """Compare ClusterViG artifacts with the first one (the reference) and with PyTorch (Polygraphy
+    Comparator). Exits non-zero when any artifact differs from the reference beyond the tolerances."""
     model = None
     if checkpoint is not None:
         existing_file(checkpoint, "checkpoint")
