@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
-from typing import Iterable, Iterator, Union
+from typing import Iterable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +41,87 @@ def write_bytes_atomic(path: Union[str, Path], data: bytes) -> None:
 def write_json_atomic(path: Union[str, Path], obj, indent: int = 2) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=indent) + "\n")
+
+
+class FolderBusy(RuntimeError):
+    """The folder is held by another process's :func:`folder_lock`; ``pid`` is that process (None if unknown)."""
+
+    def __init__(self, folder: Path, pid: Optional[int]):
+        super().__init__(f"{folder} is in use by process {pid if pid is not None else '(unknown)'}")
+        self.folder, self.pid = folder, pid
+
+
+def _lock_holder(fd: int, tries: int = 10) -> Optional[int]:
+    """The PID written in a lock file by its holder (it writes it just after taking the lock: wait a moment)."""
+    for _ in range(tries):
+        try:
+            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        except OSError:
+            return None
+        if text.isdigit():
+            return int(text)
+        time.sleep(0.05)
+    return None
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Union[str, Path], name: str) -> Iterator[Path]:
+    """Hold ``folder`` for this process alone: an exclusive, non-blocking ``flock`` on the file ``name``
+    inside it, which holds the holder's PID. Raises :class:`FolderBusy` (nothing created or touched) when
+    another process holds it. The folder is created if missing (its parent must exist); on exit the lock
+    file is removed, and so is the folder if this call created it and it is empty again.
+
+    A lock file left behind by a killed process is not locked (the kernel drops a dead process's locks), so
+    it is simply taken over. The file is removed while still locked; a process that opened it just before
+    finds, once it holds the lock, that the path no longer names its file, and starts again."""
+    folder = Path(folder)
+    path = folder / name
+    created = False
+    while True:
+        try:
+            folder.mkdir()
+            created = True
+        except FileExistsError:
+            pass
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:  # the folder went away meanwhile (its last holder removed it): again
+            continue
+        except OSError:  # e.g. a full disk: leave no folder of ours behind
+            if created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise
+            pid = _lock_holder(fd)
+            os.close(fd)
+            raise FolderBusy(folder, pid) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # its holder removed the file after we opened it: lock the file that is there now
+    try:
+        try:  # best effort: on a full disk the lock holds without the PID
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        if created:
+            with contextlib.suppress(OSError):  # not empty: files were published, or another process came in
+                folder.rmdir()
+        os.close(fd)
 
 
 @torch.no_grad()
