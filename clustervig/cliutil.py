@@ -158,3 +158,81 @@ def signals_deferred() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class Progress:
+    """Progress of long work on stderr (stdout stays for results and --json).
+
+    On a terminal one line is redrawn in place (at most 10 times a second) and ends with a newline when the work
+    is done (``transient=True``: the line is erased instead); elsewhere (logs, CI, pipes) a line is written at
+    each quarter of the work, once the work has run for ``quiet_s`` seconds and at least ``min_interval_s``
+    after the previous line, so a quick job prints nothing. ``enabled=False`` (``--json``) prints nothing at
+    all. Use as a context manager; ``update(n)`` adds ``n`` units done, ``note`` is shown after the count
+    (e.g. the loss of a training step).
+    """
+
+    quiet_s = 1.0  # a job quicker than this stays silent off a terminal
+
+    def __init__(self, label: str, total: int, unit: str = "images", enabled: bool = True, stream=None,
+                 transient: bool = False, min_interval_s: float = 0.0) -> None:
+        import sys
+        import time
+
+        self.label, self.total, self.unit = label, max(0, int(total)), unit
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled and self.total > 0
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.done = 0
+        self.note = ""
+        self._clock = time.monotonic
+        self._start = self._last = self._clock()
+        self._quarter = 0
+        self._shown = False
+        self.transient = transient
+        self.min_interval_s = min_interval_s
+
+    def _line(self) -> str:
+        pct = 100 * self.done // self.total if self.total else 100
+        elapsed = self._clock() - self._start
+        eta = ""
+        if 0 < self.done < self.total:
+            eta = f", about {elapsed * (self.total - self.done) / self.done:.0f} s left"
+        note = f"  {self.note}" if self.note else ""
+        return f"{self.label}: {self.done}/{self.total} {self.unit} ({pct}%) [{elapsed:.0f} s{eta}]{note}"
+
+    def update(self, n: int = 1, note: Optional[str] = None) -> None:
+        self.done = min(self.total, self.done + n)
+        if note is not None:
+            self.note = note
+        if not self.enabled:
+            return
+        now = self._clock()
+        if self.tty:
+            if now - self._last >= 0.1 or self.done == self.total:
+                self._last = now
+                self.stream.write("\r\x1b[K" + self._line())
+                self.stream.flush()
+                self._shown = True
+            return
+        quarter = 4 * self.done // self.total
+        if quarter > self._quarter:
+            self._quarter = quarter
+            final = self.done == self.total
+            due = now - self._start >= self.quiet_s and now - self._last >= self.min_interval_s
+            if (final and self._shown) or (not final and due):
+                self._last = now
+                self.stream.write(self._line() + "\n")
+                self.stream.flush()
+                self._shown = True
+
+    def close(self) -> None:
+        if self.enabled and self.tty and self._shown:
+            self.stream.write("\r\x1b[K" if self.transient else "\n")
+            self.stream.flush()
+        self.enabled = False
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

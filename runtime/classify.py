@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from clustervig.preprocess import load_batch
+from clustervig.preprocess import ImageError, load_image, preprocess_pil
 
 from .session import Session
 
@@ -44,20 +44,48 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 
 def classify_files(session: Session, files: Sequence[Path], batch: int = 8, topk: int = 5,
-                   names: Optional[List[str]] = None) -> List[Dict]:
+                   names: Optional[List[str]] = None,
+                   on_error: Optional[Callable[[Path, ImageError], None]] = None,
+                   progress: Optional[Callable[[int], None]] = None) -> List[Dict]:
+    """Classify image files with ``session``, preprocessed as the session's model records.
+
+    Args:
+        session: an open :class:`Session` (``open_session``): ONNX Runtime or TensorRT.
+        files: PNG or JPEG files (README, "Accepted images"), classified in this order.
+        batch: images per inference call (a static-batch model is fed in chunks of its own batch).
+        topk: classes listed per image, highest logit first.
+        names: class names (default :func:`class_names`: recorded at export, ImageNet-1k names for a 1000-class
+            model, else ``class_<i>``).
+        on_error: called as ``on_error(path, error)`` for a file that cannot be read (missing, corrupt, not
+            PNG/JPEG), which is then left out and the others classified; ``None`` (default) raises the
+            :class:`~clustervig.preprocess.ImageError` of the first such file.
+        progress: called with the number of files handled (classified or left out) after each batch.
+
+    Returns:
+        One dict per classified file, in order: ``{"file", "top": [{"class", "name", "probability", "logit"}],
+        "logits"}`` (probabilities are the softmax of the logits).
+
+    Example::
+
+        with open_session("out/model_fp32.onnx") as s:
+            best = classify_files(s, ["photo.jpg"], topk=1)[0]["top"][0]   # {"class": 281, "name": "tabby", ...}
+    """
     spec = session.preprocess
     names = names or class_names(session)
     results: List[Dict] = []
-    for i in range(0, len(files), batch):
-        chunk = list(files[i : i + batch])
-        x = load_batch(chunk, spec).numpy()
+    pending: List[Path] = []
+    images: List[np.ndarray] = []
+    handled = 0
+
+    def flush() -> None:
+        x = np.stack(images)
         if spec.get("normalize_in_graph"):  # the graph normalises: feed RGB in [0, 1]
             mean = np.asarray(spec["mean"], np.float32).reshape(1, 3, 1, 1)
             std = np.asarray(spec["std"], np.float32).reshape(1, 3, 1, 1)
             x = x * std + mean
         logits = session.infer(x)
         probs = softmax(logits.astype(np.float64))
-        for f, lg, pr in zip(chunk, logits, probs):
+        for f, lg, pr in zip(pending, logits, probs):
             order = np.argsort(-lg, kind="stable")[:topk]
             results.append({
                 "file": str(f),
@@ -65,4 +93,24 @@ def classify_files(session: Session, files: Sequence[Path], batch: int = 8, topk
                          "probability": float(pr[c]), "logit": float(lg[c])} for c in order],
                 "logits": lg.tolist(),
             })
+        pending.clear()
+        images.clear()
+
+    for f in files:
+        try:
+            images.append(preprocess_pil(load_image(f), spec).numpy())
+            pending.append(f)
+        except ImageError as exc:
+            if on_error is None:
+                raise
+            on_error(Path(f), exc)
+        handled += 1
+        if len(images) == batch:
+            flush()
+            if progress is not None:
+                progress(handled)
+    if images:
+        flush()
+    if progress is not None:
+        progress(handled)
     return results

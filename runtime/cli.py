@@ -5,12 +5,12 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Optional, Tuple
 
 import click
 import numpy as np
 
-from clustervig.cliutil import CTX, check_output_file, existing_file, write_json
+from clustervig.cliutil import CTX, Progress, check_output_file, existing_file, write_json
 from clustervig.preprocess import ImageError
 
 from .classify import class_names, classify_files
@@ -41,47 +41,68 @@ Examples:
 
 \b
 Images: PNG or JPEG (README, "Accepted images"), preprocessed as recorded at export.
+An image that cannot be read (missing, corrupt, another format) is reported on
+stderr and left out; the others are classified and printed (and written with
+-o), and the exit status is 1 at the end. --strict stops at the first one
+instead. Progress goes to stderr for long runs (not with --json).
 """)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--topk", type=click.IntRange(min=1), default=5, help="Classes to show per image.")
 @click.option("--batch", type=click.IntRange(min=1), default=8, help="Images per inference call.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (with the full logits) to stdout instead of a table.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (with the full logits) to stdout instead of a table; "
+              "no progress display.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Also write the JSON results to this file.")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Class names, one per line (default: recorded at export, else the ImageNet-1k names for a "
                    "1000-class model, else class_<i>).")
+@click.option("--strict", is_flag=True, help="Stop at the first image that cannot be read (default: report it, "
+              "classify the others, exit 1 at the end).")
 @click.option("--provider", default="cpu", help="ONNX Runtime provider, e.g. CUDAExecutionProvider.")
 @click.option("--plugins-lib", type=click.Path(path_type=Path), default=None, help=PLUGINS_LIB_HELP)
 @click.option("--cuda-graph", is_flag=True, help="TensorRT: capture each input shape into a CUDA graph and replay it.")
-def run_main(model, images, topk, batch, as_json, output, labels, provider, plugins_lib, cuda_graph):
+def run_main(model, images, topk, batch, as_json, output, labels, strict, provider, plugins_lib, cuda_graph):
     """Classify IMAGES with MODEL (.onnx or .plan/.engine), using the preprocessing recorded at export."""
     check_output_file(output, "-o/--output")
+    unreadable: List[str] = []
+
+    def report(path: Path, exc: ImageError) -> None:
+        unreadable.append(str(path))
+        click.echo(f"skipped: {exc}", err=True)
+
     with _open(model, provider, plugins_lib, cuda_graph) as sess:
         try:
             names = class_names(sess, labels)
-            results = classify_files(sess, list(images), batch=batch, topk=topk, names=names)
+            with Progress(f"cvig run {model.name}", len(images), enabled=not as_json) as bar:
+                results = classify_files(sess, list(images), batch=batch, topk=topk, names=names,
+                                         on_error=None if strict else report,
+                                         progress=lambda done: bar.update(done - bar.done))
         except (ImageError, ValueError, RuntimeErrorWithFix) as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(str(exc) + (" (--strict: stopped at the first unreadable image)"
+                                                   if strict and isinstance(exc, ImageError) else "")) from None
     if output is not None:
         write_json(output, results)
     if as_json:
         click.echo(json.dumps(results, indent=2))
-        return
-    for r in results:
-        click.echo(r["file"])
-        for t in r["top"]:
-            click.echo(f"  {t['probability'] * 100:6.2f}%  {t['name']}  (class {t['class']}, logit {t['logit']:.3f})")
+    else:
+        for r in results:
+            click.echo(r["file"])
+            for t in r["top"]:
+                click.echo(f"  {t['probability'] * 100:6.2f}%  {t['name']}  (class {t['class']}, logit {t['logit']:.3f})")
+    if unreadable:
+        raise click.ClickException(
+            f"{len(unreadable)} of {len(images)} images could not be read and were left out (each named above"
+            f"{'; ' + ', '.join(unreadable) if len(unreadable) <= 3 else ''}); the results are those of the other "
+            f"{len(results)}. Fix or remove them, or pass --strict to stop at the first")
 
 
 def bench(sess, batches: List[int], warmup: int, iters: int) -> List[dict]:
+    """Latency percentiles and throughput of ``sess`` at each batch size (random inputs of the model's size)."""
     spec = sess.preprocess
     size = int(spec["img_size"])
     rows = []
     for b in batches:
-        if sess.max_batch is not None and getattr(sess, "static_batch", False) and b != sess.max_batch:
-            continue
         x = np.random.default_rng(0).standard_normal((b, 3, size, size)).astype(np.float32)
         for _ in range(warmup):
             sess.infer(x)
@@ -98,6 +119,20 @@ def bench(sess, batches: List[int], warmup: int, iters: int) -> List[dict]:
     return rows
 
 
+DEFAULT_BATCHES = [1, 8, 32]  # for a model that records no batch range
+
+
+def default_batches(profile: Optional[Tuple[int, int, int]]) -> List[int]:
+    """The batches to time when --batch is not given: the artifact's own (its static batch; min, opt and max of a
+    dynamic range), else 1, 8 and 32."""
+    return sorted(set(profile)) if profile else list(DEFAULT_BATCHES)
+
+
+def describe_profile(profile: Tuple[int, int, int]) -> str:
+    lo, opt, hi = profile
+    return f"a static batch of {lo}" if lo == hi else f"batches {lo} to {hi} (exported with --dynamic-batch {lo}:{opt}:{hi})"
+
+
 def bench_table(model: Path, rows: List[dict]) -> str:
     lines = [f"{model.name}", f"{'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'img/s':>9}"]
     for r in rows:
@@ -106,26 +141,35 @@ def bench_table(model: Path, rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def parse_batches(ctx, param, text: str) -> List[int]:
+def parse_batches(ctx, param, text: Optional[str]) -> Optional[List[int]]:
+    if text is None:
+        return None
     try:
         bs = [int(b) for b in text.split(",") if b.strip()]
     except ValueError:
         raise click.BadParameter(f"{text!r}: give comma-separated integers, e.g. 1,8,32") from None
     if not bs or min(bs) < 1:
         raise click.BadParameter(f"{text!r}: batch sizes are integers >= 1, e.g. 1,8,32")
-    return bs
+    return list(dict.fromkeys(bs))
 
 
 @click.command(context_settings=CTX, epilog="""
 \b
 Examples:
-  cvig-bench out/model_fp32.onnx --batch 1,8,32
+  cvig-bench out/model_fp32.onnx                    # the batches the export was made for
   cvig-bench out/model_fp16.onnx --batch 1,16 --iters 50 -o bench.json
   cvig-bench out/model_fp16.plan --batch 1,8,32 --cuda-graph
+
+\b
+Without --batch the artifact's own batches are timed: a static export's
+batch, or the min, opt and max of a --dynamic-batch export's range (1, 8
+and 32 for a model that records none). A requested batch outside that
+range is skipped with a note on stderr (an engine cannot run it; for a
+static batch of 1, batch 8 would only be eight runs of 1).
 """)
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--batch", "batches", default="1,8,32", callback=parse_batches,
-              help="Comma-separated batch sizes (Table VI layout).")
+@click.option("--batch", "batches", default=None, callback=parse_batches, metavar="B1,B2,...",
+              help="Comma-separated batch sizes (Table VI layout) [default: the artifact's own batches].")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, help="Untimed runs per batch size before timing.")
 @click.option("--iters", type=click.IntRange(min=1), default=10, help="Timed runs per batch size (the median is reported).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON to stdout instead of a table.")
@@ -137,13 +181,17 @@ def bench_main(model, batches, warmup, iters, as_json, output, provider, plugins
     """Latency percentiles and throughput of MODEL per batch size, like the paper's Table VI."""
     check_output_file(output, "-o/--output")
     with _open(model, provider, plugins_lib, cuda_graph) as sess:
-        rows = bench(sess, batches, warmup, iters)
-    skipped = sorted(set(batches) - {r["batch"] for r in rows})
-    if skipped:
-        click.echo(f"skipped batch {skipped}: {model.name} has a static batch of {sess.max_batch} "
-                   "(export with --dynamic-batch to benchmark several)", err=True)
-    if not rows:
-        raise click.ClickException(f"{model} has a static batch of {sess.max_batch}: pass --batch {sess.max_batch}")
+        profile = sess.batch_profile
+        wanted = batches if batches is not None else default_batches(profile)
+        fits = [b for b in wanted if profile is None or profile[0] <= b <= profile[2]]
+        skipped = [b for b in wanted if b not in fits]
+        if not fits:
+            raise click.ClickException(f"{model} takes {describe_profile(profile)}, not batch "
+                                       f"{', '.join(map(str, skipped))}: give --batch within that, or leave --batch out")
+        if skipped:
+            click.echo(f"skipped batch {skipped}: {model.name} takes {describe_profile(profile)}; export with a "
+                       "--dynamic-batch MIN:OPT:MAX range that covers them to benchmark them", err=True)
+        rows = bench(sess, fits, warmup, iters)
     result = {"model": str(model), "rows": rows}
     if output is not None:
         write_json(output, result)

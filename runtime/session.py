@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -20,9 +20,31 @@ class RuntimeErrorWithFix(RuntimeError):
 
 
 class Session:
+    """An open model: ``infer(images)`` -> FP32 logits, with the config and preprocessing recorded at export.
+
+    Made by :func:`open_session`; use it as a context manager (``close()`` frees the runtime's resources).
+    ``max_batch`` is the largest batch one call runs at once (``None``: any), ``static_batch`` whether the model
+    takes exactly that batch, and ``batch_profile`` the (min, opt, max) batches the artifact was built for.
+    """
+
     path: Path
     metadata: Dict[str, str]
     max_batch: Optional[int] = None
+    static_batch: bool = False
+
+    @property
+    def batch_profile(self) -> Optional[Tuple[int, int, int]]:
+        """(min, opt, max) batch of the artifact: its static batch three times, the ``--dynamic-batch`` range
+        recorded at export (``clustervig.batch`` metadata), or None when nothing says (any batch)."""
+        if self.static_batch and self.max_batch:
+            return (self.max_batch,) * 3
+        try:
+            parts = tuple(int(v) for v in str(self.metadata.get("clustervig.batch", "")).split(":"))
+        except ValueError:
+            return None
+        if len(parts) == 3:
+            return parts  # type: ignore[return-value]
+        return None
 
     @property
     def config(self) -> Dict:
@@ -208,10 +230,17 @@ class TrtSession(Session):
         batch = int(engine.get_tensor_shape(self.input_name)[0])
         self.static_batch = batch > 0  # an engine from a static-batch ONNX has no optimization profile
         self.max_batch = batch if self.static_batch else int(engine.get_tensor_profile_shape(self.input_name, 0)[2][0])
+        self._profile = None if self.static_batch else tuple(
+            int(shape[0]) for shape in engine.get_tensor_profile_shape(self.input_name, 0))
         self.metadata = engine_metadata(self.path)
         self._stream = _cuda_check(cudart.cudaStreamCreate(), "cudaStreamCreate")
         self._in, self._out = _PinnedBuffer(), _PinnedBuffer()
         self._graphs: Dict[tuple, object] = {}
+
+    @property
+    def batch_profile(self) -> Optional[Tuple[int, int, int]]:
+        """(min, opt, max) batch of the engine's optimization profile (its static batch three times)."""
+        return (self.max_batch,) * 3 if self.static_batch else self._profile
 
     def _dtype(self, name: str):
         t = self.engine.get_tensor_dtype(name)
@@ -318,6 +347,31 @@ def engine_metadata(path: Path) -> Dict[str, str]:
 
 def open_session(path, providers: Optional[Sequence[str]] = None, plugin_library: Optional[Path] = None,
                  cuda_graph: bool = False) -> Session:
+    """Open an exported model for inference; the backend follows the file's suffix.
+
+    Args:
+        path: ``.onnx`` (ONNX Runtime; a plugin graph runs its ``Cvig*`` nodes on the host kernels) or
+            ``.plan`` / ``.engine`` / ``.trt`` (a TensorRT engine; needs ``tensorrt`` and ``cuda-python``, and
+            finds its metadata in ``model_<precision>.json`` / ``preprocess.json`` beside it).
+        providers: ONNX Runtime execution providers (default: the CPU provider), e.g.
+            ``["CUDAExecutionProvider"]``.
+        plugin_library: ``libcvig_plugins.so`` for an engine of the plugin graph.
+        cuda_graph: TensorRT: capture each input shape's enqueue into a CUDA graph and replay it.
+
+    Returns:
+        A :class:`Session`: ``infer(images)`` takes float32 ``[B, 3, H, W]`` images preprocessed as
+        ``session.preprocess`` says and returns float32 logits ``[B, classes]``; larger batches than the model
+        takes are run in chunks. Use it as a context manager.
+
+    Raises:
+        RuntimeErrorWithFix: a missing, unreadable or unsupported file, a missing runtime or provider; the
+            message names the file and the fix.
+
+    Example::
+
+        with open_session("out/model_fp32.onnx") as s:
+            logits = s.infer(images)          # images: np.float32 [B, 3, 224, 224]
+    """
     path = Path(path)
     if path.suffix in (".plan", ".engine", ".trt"):
         return TrtSession(path, plugin_library, cuda_graph)

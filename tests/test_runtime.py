@@ -273,3 +273,94 @@ def test_engine_bad_inputs(nano_engine, tmp_path):
             s.infer(np.zeros((1, 3, 200, 200), np.float32))
         big = s.infer(np.zeros((11, 3, 224, 224), np.float32))  # > profile max 8: run in chunks
         assert big.shape == (11, 1000)
+
+
+def test_run_goes_on_after_unreadable_images(nano, photo_files, tmp_path):
+    """One unreadable image no longer aborts the run: it is named on stderr, the readable ones are classified
+    (logits equal to PyTorch's on them alone) and written, and the exit status is 1 at the end; --strict stops
+    at the first."""
+    model, d = nano
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(photo_files[0].read_bytes()[:300])
+    missing = tmp_path / "missing.png"
+    files = [photo_files[0], broken, photo_files[1], missing, photo_files[2]]
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(run_main, [str(d / "dyn.onnx"), *map(str, files), "--batch", "2", "-o", str(out)])
+    assert res.exit_code == 1, res.output
+    assert f"skipped: image {broken} could not be read" in res.stderr and f"skipped: image {missing} does not exist" in res.stderr
+    assert res.stderr.rstrip().splitlines()[-1] == (
+        f"Error: 2 of 5 images could not be read and were left out (each named above; {broken}, {missing}); the "
+        "results are those of the other 3. Fix or remove them, or pass --strict to stop at the first")
+    readable = [photo_files[0], photo_files[1], photo_files[2]]
+    results = json.loads(out.read_text())
+    assert [r["file"] for r in results] == list(map(str, readable))
+    np.testing.assert_allclose(np.array([r["logits"] for r in results]), torch_logits(model, readable), atol=1e-4, rtol=0)
+    assert [r["file"] for r in results] == [line for line in res.stdout.splitlines() if not line.startswith(" ")]
+    # --strict: the first unreadable file stops the run, nothing is written
+    out.unlink()
+    res = CliRunner().invoke(run_main, [str(d / "dyn.onnx"), *map(str, files), "--strict", "-o", str(out)])
+    assert res.exit_code == 1 and f"image {broken} could not be read" in res.output and "--strict" in res.output
+    assert not out.exists() and str(photo_files[0]) not in res.stdout
+    # the library keeps raising by default
+    from clustervig.preprocess import ImageError
+
+    with open_session(d / "dyn.onnx") as s:
+        with pytest.raises(ImageError, match="could not be read"):
+            classify_files(s, files)
+        seen = []
+        assert len(classify_files(s, files, on_error=lambda p, e: seen.append(p))) == 3 and seen == [broken, missing]
+
+
+def test_run_shows_progress_on_stderr_unless_json(nano, photo_files, monkeypatch):
+    from clustervig.cliutil import Progress
+
+    monkeypatch.setattr(Progress, "quiet_s", 0.0)  # the test run is fast: show its progress anyway
+    _, d = nano
+    files = [str(photo_files[i % 4]) for i in range(20)]
+    res = CliRunner().invoke(run_main, [str(d / "dyn.onnx"), *files, "--batch", "4", "--topk", "1"])
+    assert res.exit_code == 0, res.output
+    lines = [line for line in res.stderr.splitlines() if line.startswith("cvig run dyn.onnx: ")]
+    assert [line.split(": ")[1].split(" (")[0] for line in lines] == ["8/20 images", "12/20 images", "16/20 images",
+                                                                     "20/20 images"], res.stderr
+    assert "images (" not in res.stdout
+    res = CliRunner().invoke(run_main, [str(d / "dyn.onnx"), *files, "--batch", "4", "--json"])
+    assert res.exit_code == 0 and res.stderr == "" and len(json.loads(res.stdout)) == 20
+
+
+def test_bench_follows_the_artifacts_batch_range(nano, tmp_path):
+    """Without --batch: the artifact's own batches (static 2 -> [2]; dynamic 1:2:8 -> [1, 2, 8]); a requested
+    batch outside the range is named and skipped, all outside is an error."""
+    _, d = nano
+    assert open_session(d / "static2.onnx").batch_profile == (2, 2, 2)
+    assert open_session(d / "dyn.onnx").batch_profile == (1, 2, 8)
+
+    def rows(*args):
+        res = CliRunner().invoke(bench_main, [*args, "--iters", "1", "--warmup", "0", "--json"])
+        assert res.exit_code == 0, res.output
+        return [r["batch"] for r in json.loads(res.stdout)["rows"]], res.stderr
+
+    assert rows(str(d / "static2.onnx")) == ([2], "")
+    assert rows(str(d / "dyn.onnx")) == ([1, 2, 8], "")
+    got, err = rows(str(d / "dyn.onnx"), "--batch", "2,16")
+    assert got == [2] and err.strip() == ("skipped batch [16]: dyn.onnx takes batches 1 to 8 (exported with "
+                                          "--dynamic-batch 1:2:8); export with a --dynamic-batch MIN:OPT:MAX range "
+                                          "that covers them to benchmark them")
+    res = CliRunner().invoke(bench_main, [str(d / "dyn.onnx"), "--batch", "16,32", "--iters", "1"])
+    assert res.exit_code == 1 and "takes batches 1 to 8 (exported with --dynamic-batch 1:2:8), not batch 16, 32" in res.output
+    res = CliRunner().invoke(bench_main, [str(d / "static2.onnx"), "--batch", "8", "--iters", "1"])
+    assert res.exit_code == 1 and "takes a static batch of 2, not batch 8" in res.output and "p50" not in res.output
+    help_text = CliRunner().invoke(bench_main, ["--help"]).output
+    assert "default: the artifact's own batches" in help_text
+
+
+def test_open_session_and_classify_files_document_what_they_take_and_return(nano, photo_files):
+    _, d = nano
+    doc = open_session.__doc__
+    for word in (".onnx", ".plan", ".engine", ".trt", "providers", "plugin_library", "cuda_graph", "Returns",
+                 "RuntimeErrorWithFix"):
+        assert word in doc, word
+    with open_session(d / "dyn.onnx") as s:
+        r = classify_files(s, photo_files[:1], topk=1)[0]
+    doc = classify_files.__doc__
+    for key in [*r, *r["top"][0], "on_error", "progress", "topk", "batch", "names"]:
+        assert f'"{key}"' in doc or f"{key}:" in doc or f"``{key}``" in doc, key
