@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 import click
 import numpy as np
 
-from clustervig.cliutil import CTX, check_output_file, write_json
+from clustervig.cliutil import CTX, MODEL_NAME, check_output_file, model_help, write_json
 
 
 def labelled_folder(folder: Path, spec: Dict, names: List[str], num_classes: Optional[int] = None
@@ -40,16 +40,28 @@ def evaluate(logits: Dict[str, np.ndarray], labels: np.ndarray) -> List[Dict]:
 
 
 def table(rows: List[Dict]) -> str:
-    lines = [f"{'model':<28} {'top-1':>7} {'agree':>7} {'cos mean':>9} {'cos min':>8}"]
+    w = max([28] + [len(r["model"]) + 1 for r in rows])
+    lines = [f"{'model':<{w}} {'top-1':>7} {'agree':>7} {'cos mean':>9} {'cos min':>8}"]
     for r in rows:
-        lines.append(f"{r['model']:<28} {r['top1'] * 100:>6.2f}% {r['agreement_with_reference'] * 100:>6.2f}% "
+        lines.append(f"{r['model']:<{w}} {r['top1'] * 100:>6.2f}% {r['agreement_with_reference'] * 100:>6.2f}% "
                      f"{r['cosine_mean']:>9.5f} {r['cosine_min']:>8.5f}")
     return "\n".join(lines)
 
 
+def row_names(models: List[Path]) -> List[str]:
+    """Row names: the file name, or the path as given where two models share a file name (numbered when the
+    same path is given twice)."""
+    names = [m.name if sum(o.name == m.name for o in models) == 1 else str(m) for m in models]
+    return [n if names.count(n) == 1 else f"{n} #{names[:i + 1].count(n)}" for i, n in enumerate(names)]
+
+
 def run(models: List[Path], checkpoint: Optional[Path], digits: bool, folder: Optional[Path],
-        model_name: Optional[str] = None) -> Tuple[List[Dict], Dict]:
+        model_name: Optional[str] = None, progress: bool = False, chunk: int = 32) -> Tuple[List[Dict], Dict]:
+    """Top-1 of each model (PyTorch first with ``checkpoint``) on the labelled images, with agreement and logit
+    cosine against the first; ``progress`` shows the image runs on stderr (:class:`clustervig.cliutil.Progress`)."""
     import torch
+
+    from clustervig.cliutil import Progress
 
     from clustervig.checkpoint import build_model
     from clustervig.preprocess import transform_spec
@@ -78,12 +90,22 @@ def run(models: List[Path], checkpoint: Optional[Path], digits: bool, folder: Op
         x, y = test.images.numpy(), test.labels.numpy()
     else:
         x, y = labelled_folder(folder, spec, list(cfg.get("class_names") or []), next(iter(classes), None))
-    logits: Dict[str, np.ndarray] = {}
+    runners = []  # (name, function of a chunk of images -> logits)
     if model is not None:
-        with torch.no_grad():
-            logits["pytorch"] = np.concatenate([model(torch.from_numpy(x[i : i + 64])).numpy() for i in range(0, len(x), 64)])
-    for m, s in zip(models, sessions):
-        logits[m.name] = s.infer(x)
+        def torch_infer(xb: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return model(torch.from_numpy(xb)).numpy()
+        runners.append(("pytorch", torch_infer))
+    runners += list(zip(row_names(models), (s.infer for s in sessions)))
+    logits: Dict[str, np.ndarray] = {}
+    what = f"{len(x)} images x {len(runners)} model{'s' if len(runners) > 1 else ''}"
+    with Progress(f"cvig accuracy ({what})", len(x) * len(runners), unit="image runs", enabled=progress) as bar:
+        for name, infer in runners:
+            parts = []
+            for i in range(0, len(x), chunk):
+                parts.append(np.asarray(infer(x[i : i + chunk]), dtype=np.float32))
+                bar.update(len(parts[-1]), note=name)
+            logits[name] = np.concatenate(parts)
     return evaluate(logits, y), {"spec": spec}
 
 
@@ -96,11 +118,12 @@ Examples:
 @click.argument("models", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Add the PyTorch model (first, the reference).")
-@click.option("--model", "model_name", default=None, metavar="NAME",
-              help="Variant for a --checkpoint that does not record it (a plain state_dict).")
+@click.option("--model", "model_name", type=MODEL_NAME, default=None,
+              help=model_help("Variant for a --checkpoint that does not record it (a plain state_dict)."))
 @click.option("--digits", is_flag=True, help="Use the held-out digits split (360 scans; 10-class models only).")
 @click.option("--folder", type=click.Path(path_type=Path), default=None, help="Labelled folder DIR/<class>/<image>.")
-@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON to stdout instead of a table.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON to stdout instead of a table (no progress "
+              "display).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Also write the rows as JSON to this file.")
 def main(models, checkpoint, model_name, digits, folder, as_json, output):
     """Top-1 of MODELS (.onnx / .plan) on labelled images, with their agreement with the first (PyTorch with
@@ -112,13 +135,14 @@ def main(models, checkpoint, model_name, digits, folder, as_json, output):
         raise click.UsageError("choose exactly one of --digits and --folder")
     check_output_file(output, "-o/--output")
     from clustervig.checkpoint import CheckpointError
+    from clustervig.registry import UnknownModelError
     from clustervig.runtime.session import RuntimeErrorWithFix
 
     from .data import CalibrationDataError
 
     try:
-        rows, _ = run(list(models), checkpoint, digits, folder, model_name)
-    except (CalibrationDataError, CheckpointError, RuntimeErrorWithFix) as exc:
+        rows, _ = run(list(models), checkpoint, digits, folder, model_name, progress=not as_json)
+    except (CalibrationDataError, CheckpointError, RuntimeErrorWithFix, UnknownModelError) as exc:
         raise click.ClickException(str(exc)) from None
     if output is not None:
         write_json(output, rows)

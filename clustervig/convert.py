@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import CheckpointError, extract_state_dict, load_state_dict, load_torch_file, save_checkpoint
-from .cliutil import CTX, check_output_file, existing_file
+from .cliutil import CTX, MODEL_NAME, check_output_file, existing_file, model_help
 from .model import ClusterViG, ClusterViGConfig
 
 # DEGC hyperparameters that the weights do not show, per published grid of the authors' variants
@@ -287,7 +287,7 @@ def converted_config(structure: Mapping[str, Any], model: Optional[str] = None,
     ``model`` (``--model``) must agree with the weights on dim, depth and grid; ``config``
     (``--config``) overrides anything and is checked against the weights afterwards.
     """
-    from .registry import _VARIANTS, get_config
+    from .registry import _VARIANTS, UnknownModelError, get_config, resolve_model_name
 
     config = dict(config or {})
     known = {f.name for f in fields(ClusterViGConfig)} - {"name"}
@@ -295,8 +295,10 @@ def converted_config(structure: Mapping[str, Any], model: Optional[str] = None,
     if bad:
         raise ConvertError(f"--config: unknown option(s) {bad}; valid: {sorted(known)}")
     if model is not None:
-        if model not in _VARIANTS:
-            raise ConvertError(f"--model {model}: unknown model; available: {', '.join(sorted(_VARIANTS))}")
+        try:
+            resolve_model_name(model)
+        except UnknownModelError as exc:
+            raise ConvertError(f"--model: {exc}") from None
         v = _VARIANTS[model]
         want = {**{k: getattr(v, k) for k in ("dim", "depth", "grid")}, **{k: config[k] for k in ("dim", "depth", "grid") if k in config}}
         diff = [k for k in ("dim", "depth", "grid") if want[k] != structure[k]]
@@ -393,8 +395,8 @@ is assumed; give --config {"gcn": "edge"} for G-EdgeConv.
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Converted checkpoint to write (.pth; written atomically).")
-@click.option("--model", "model_name", default=None, metavar="NAME",
-              help="Registered variant the checkpoint must be (default: inferred from the weights).")
+@click.option("--model", "model_name", type=MODEL_NAME, default=None,
+              help=model_help("Registered variant the checkpoint must be (default: inferred from the weights)."))
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, metavar="FILE",
               help='JSON object of create_model overrides for sizes not registered, e.g. {"dim": 64, "depth": 2, "groups": 1}.')
 @click.option("--ema", is_flag=True, default=False,

@@ -63,10 +63,13 @@ def evaluate(model: ClusterViG, images: Tensor, labels: Tensor, batch: int = 256
     return correct / len(images)
 
 
-def fit(model: ClusterViG, recipe, train, test, augment, log=print, eval_batch: int = 256):
+def fit(model: ClusterViG, recipe, train, test, augment, log=print, eval_batch: int = 256, progress: bool = False):
     """AdamW with linear warm-up and a cosine schedule over ``recipe.epochs``, cross-entropy with label
     smoothing on both heads; ``augment(x, gen)`` transforms each batch (``gen``: seeded by ``recipe.seed``,
-    also shuffling). Returns the per-epoch history and the ``time.perf_counter()`` of the start."""
+    also shuffling). ``progress``: each epoch's steps on stderr (:class:`clustervig.cliutil.Progress`).
+    Returns the per-epoch history and the ``time.perf_counter()`` of the start."""
+    from .cliutil import Progress
+
     gen = torch.Generator().manual_seed(recipe.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     steps_per_epoch = math.ceil(len(train.images) / recipe.batch)
@@ -85,6 +88,8 @@ def fit(model: ClusterViG, recipe, train, test, augment, log=print, eval_batch: 
         model.train()
         perm = torch.randperm(len(train.images), generator=gen)
         loss_sum = 0.0
+        bar = Progress(f"epoch {epoch + 1}/{recipe.epochs}", steps_per_epoch, unit="steps", enabled=progress,
+                       transient=True, min_interval_s=15)
         for i in range(0, len(perm), recipe.batch):
             ii = perm[i : i + recipe.batch]
             x = augment(train.images[ii], gen)
@@ -100,6 +105,8 @@ def fit(model: ClusterViG, recipe, train, test, augment, log=print, eval_batch: 
             opt.step()
             loss_sum += loss.item() * len(ii)
             step += 1
+            bar.update(1, note=f"loss {loss.item():.4f}")
+        bar.close()
         acc = evaluate(model, test.images, test.labels, batch=eval_batch)
         history.append({"epoch": epoch + 1, "loss": loss_sum / len(perm), "test_top1": acc})
         log(f"epoch {epoch + 1:>3}/{recipe.epochs}  loss {loss_sum / len(perm):.4f}  test top-1 {acc * 100:.2f}%  "
@@ -107,14 +114,14 @@ def fit(model: ClusterViG, recipe, train, test, augment, log=print, eval_batch: 
     return history, t0
 
 
-def train_digits(recipe: Recipe, out: Optional[Path] = None, log=print) -> Dict:
+def train_digits(recipe: Recipe, out: Optional[Path] = None, log=print, progress: bool = False) -> Dict:
     torch.manual_seed(recipe.seed)
     model = create_model(recipe.model)
     cfg = model.cfg
     train, test = digits_split(cfg.img_size, cfg.mean, cfg.std, recipe.test_size, recipe.split_seed)
     background = (0.0 - cfg.mean[0]) / cfg.std[0]
     history, t0 = fit(model, recipe, train, test,
-                      lambda x, gen: random_shift(x, recipe.max_shift, background, gen), log)
+                      lambda x, gen: random_shift(x, recipe.max_shift, background, gen), log, progress=progress)
     return _finish(model, recipe, history, t0, train, test, out, log,
                    train_top1=evaluate(model, train.images, train.labels))
 
@@ -151,7 +158,7 @@ class PhotoRecipe:
     data_seed: int = 0
 
 
-def train_photos(recipe: PhotoRecipe, out: Optional[Path] = None, log=print) -> Dict:
+def train_photos(recipe: PhotoRecipe, out: Optional[Path] = None, log=print, progress: bool = False) -> Dict:
     """The 224-px model on the photo-patches data set (clustervig.photo_data): AdamW, cosine schedule,
     random mirroring on top of the data set's own crops and colour jitter."""
     from .photo_data import photo_patches_split
@@ -166,7 +173,7 @@ def train_photos(recipe: PhotoRecipe, out: Optional[Path] = None, log=print) -> 
         flip = torch.rand(len(x), generator=gen) < 0.5
         return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
-    history, t0 = fit(model, recipe, train, test, mirror, log, eval_batch=64)
+    history, t0 = fit(model, recipe, train, test, mirror, log, eval_batch=64, progress=progress)
     return _finish(model, recipe, history, t0, train, test, out, log)
 
 
@@ -194,7 +201,7 @@ def _train_command(name: str, recipe_cls, train, what: str, seed_help: str, doc:
         if output.exists() and not force:
             raise click.BadParameter(f"{output} exists; pass --force to overwrite it or choose another path",
                                      param_hint="-o/--output")
-        res = train(recipe_cls(epochs=epochs, batch=batch, lr=lr, seed=seed), output, log=click.echo)
+        res = train(recipe_cls(epochs=epochs, batch=batch, lr=lr, seed=seed), output, log=click.echo, progress=True)
         m = res["metrics"]
         click.echo(f"test top-1 {m['test_top1'] * 100:.2f}% on {m['test_images']} {what}, {m['train_seconds']:.0f}s")
 
