@@ -1,7 +1,8 @@
 """The benchmark suite: the paper's efficiency claims, measured side by side, in one command.
 
     python -m bench                 # full suite (about 15 minutes on a 2-core CPU), regenerates BENCHMARKS.md
-    python -m bench --quick         # a 1-2 minute smoke run on cvig_nano (same code paths, tiny sizes)
+    python -m bench --quick         # a 1-2 minute smoke run on cvig_nano (same code paths, tiny sizes), written
+                                    # to bench/results/tmp-quick/ (git-ignored), never over the published results
     python -m bench --only graph,models --results /tmp/r --markdown /tmp/B.md
 
 Steps (each also runs alone as ``python -m bench.<step>``):
@@ -15,7 +16,8 @@ Steps (each also runs alone as ``python -m bench.<step>``):
   plots   PNGs in bench/results/: speed vs batch, graph time vs N, memory vs N, latency vs N
   claims  the paper's claims, each with the measured ratios and a computed verdict
 
-JSON results (with machine, versions and date) go to bench/results/, tables to BENCHMARKS.md.
+JSON results (with machine, versions and date) go to bench/results/, tables to BENCHMARKS.md; a --quick
+run's go to bench/results/tmp-quick/ and its BENCHMARKS.md (or --results DIR, --markdown FILE).
 """
 from __future__ import annotations
 
@@ -86,10 +88,13 @@ def run_suite(only=STEPS, quick: bool = False) -> dict:
 
 def main(argv=None) -> int:
     ap = common.parser("python -m bench", __doc__)
-    ap.add_argument("--quick", action="store_true", help="tiny sizes (cvig_nano, N <= 784): a smoke run")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (cvig_nano, N <= 784): a smoke run, written to "
+                    "bench/results/tmp-quick/ (never over the published results)")
     ap.add_argument("--only", default=",".join(STEPS), help=f"comma-separated steps from {', '.join(STEPS)}")
-    ap.add_argument("--results", type=Path, default=None, help="results folder (default: bench/results)")
-    ap.add_argument("--markdown", type=Path, default=None, help="markdown file (default: BENCHMARKS.md)")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="results folder (default: bench/results; with --quick bench/results/tmp-quick)")
+    ap.add_argument("--markdown", type=Path, default=None,
+                    help="markdown file (default: BENCHMARKS.md; with --quick BENCHMARKS.md in the results folder)")
     args = ap.parse_args(argv)
     only = [s for s in args.only.split(",") if s]
     bad = sorted(set(only) - set(STEPS))
@@ -97,7 +102,15 @@ def main(argv=None) -> int:
         ap.error(f"unknown step(s) {bad}; choose from {', '.join(STEPS)}")
     if "plots" in only:
         plots.require_matplotlib()  # fail before the measurements, not after them
-    common.configure(args.results, args.markdown)
+    results, markdown = args.results, args.markdown
+    if args.quick:
+        try:
+            results, markdown = common.quick_paths(results, markdown)
+        except ValueError as exc:
+            ap.error(str(exc))
+        print(f"quick run (smoke numbers): results in {results}, tables in {markdown}; the published "
+              f"{common.ROOT / 'BENCHMARKS.md'} and bench/results/ are not touched", flush=True)
+    common.configure(results, markdown)
     summary = run_suite(only, args.quick)
     print(json.dumps(summary["steps_s"]), f"total {summary['total_s']:.0f}s")
     print(f"results in {common.RESULTS}, tables in {common.BENCHMARKS_MD}")

@@ -16,6 +16,8 @@ from clustervig.utils import write_json_atomic
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+# `python -m bench --quick` writes its smoke numbers here (ignored by git), never over the published results
+QUICK_RESULTS = ROOT / "bench" / "results" / "tmp-quick"
 
 
 def configure(results_dir: Optional[Path] = None, markdown_path: Optional[Path] = None) -> None:
@@ -23,6 +25,22 @@ def configure(results_dir: Optional[Path] = None, markdown_path: Optional[Path] 
     global RESULTS, BENCHMARKS_MD
     RESULTS = Path(results_dir) if results_dir is not None else ROOT / "bench" / "results"
     BENCHMARKS_MD = Path(markdown_path) if markdown_path is not None else ROOT / "BENCHMARKS.md"
+
+
+def quick_paths(results_dir: Optional[Path], markdown_path: Optional[Path]) -> "tuple[Path, Path]":
+    """Where a quick (smoke) run writes: ``results_dir`` (default :data:`QUICK_RESULTS`) and ``markdown_path``
+    (default ``BENCHMARKS.md`` inside that folder). The published ``bench/results/`` and ``BENCHMARKS.md`` are
+    refused: smoke numbers must not replace measured ones."""
+    published_dir, published_md = (ROOT / "bench" / "results").resolve(), (ROOT / "BENCHMARKS.md").resolve()
+    results = Path(results_dir) if results_dir is not None else QUICK_RESULTS
+    markdown = Path(markdown_path) if markdown_path is not None else results / "BENCHMARKS.md"
+    if results.resolve() == published_dir:
+        raise ValueError(f"--results {results}: a quick run does not write its smoke numbers over the published "
+                         f"results; leave --results out (they go to {QUICK_RESULTS}) or name another folder")
+    if markdown.resolve() == published_md:
+        raise ValueError(f"--markdown {markdown}: a quick run does not rewrite the published BENCHMARKS.md; leave "
+                         f"--markdown out (it goes to {results / 'BENCHMARKS.md'}) or name another file")
+    return results, markdown
 
 
 def parser(prog: str, doc: str) -> argparse.ArgumentParser:
