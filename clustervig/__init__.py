@@ -13,7 +13,7 @@ from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint,
 from .model import ClusterViG, ClusterViGConfig
 from .registry import PAPER_TABLE3, create_model, get_config, list_models
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
 
 __all__ = [
     "ClusterViG",

@@ -21,6 +21,9 @@ COMMANDS: Dict[str, Tuple[str, str, str]] = {
     "train-photos": ("clustervig.train", "photos_command", "Train the 224-px cvig_photos model on the CPU (~30 min)."),
     "dataset": ("clustervig.dataset_cli", "command", "Write a split of the digits / photo-patches data as an image folder."),
     "convert": ("clustervig.convert", "command", "Checkpoint of the authors' ClusterViG code -> clustervig checkpoint."),
+    "doctor": ("clustervig.target.doctor", "command", "Versions, libraries and a self-test of this machine (run it first)."),
+    "build-plugins": ("clustervig.target.build_plugins", "command",
+                      "Build the CUDA kernels and TensorRT plugins here from the installed sources."),
 }
 
 

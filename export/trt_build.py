@@ -65,10 +65,14 @@ def build_command_hint(onnx_path: Path, engine_path: Path, batch, img_size: int,
             f"{'' if tf32 else ' --noTF32'}{shapes}{plugins}")
 
 
-def build_engine(onnx_path: Path, engine_path: Path, batch, img_size: int, workspace_mib: int = 2048,
-                 timing_cache: Optional[Path] = None, plugin_library: Optional[Path] = None,
+def build_engine(onnx_path: Path, engine_path: Path, batch=None, img_size: Optional[int] = None,
+                 workspace_mib: int = 2048, timing_cache: Optional[Path] = None, plugin_library: Optional[Path] = None,
                  opt_level: int = 3, tf32: bool = False) -> Path:
-    """Parse ``onnx_path`` into a strongly typed network and write a serialized engine atomically."""
+    """Parse ``onnx_path`` into a strongly typed network and write a serialized engine atomically.
+
+    A graph with a dynamic batch gets the optimization profile ``batch`` (min:opt:max) for its ``images``
+    input at ``img_size``; a graph with static shapes (a static-batch export, the one-layer plugin graphs
+    of ``cvig doctor``) needs none."""
     trt = tensorrt_module()
     logger = trt.Logger(trt.Logger.WARNING)
     if plugin_library is not None:
@@ -91,10 +95,15 @@ def build_engine(onnx_path: Path, engine_path: Path, batch, img_size: int, works
         # mantissa, FP16's: the FP32 islands (k-means distances, k-NN similarity) would
         # flip the labels they exist to protect
         config.clear_flag(trt.BuilderFlag.TF32)
-    profile = builder.create_optimization_profile()
-    shape = lambda b: (b, 3, img_size, img_size)  # noqa: E731
-    profile.set_shape("images", shape(batch.min), shape(batch.opt), shape(batch.max))
-    config.add_optimization_profile(profile)
+    dynamic = [network.get_input(i).name for i in range(network.num_inputs) if -1 in tuple(network.get_input(i).shape)]
+    if dynamic:
+        if batch is None or img_size is None or dynamic != ["images"]:
+            raise RuntimeError(f"{onnx_path} has dynamic inputs {dynamic}: an engine is built for a dynamic "
+                               "batch of 'images' only, given its batch range and image size")
+        profile = builder.create_optimization_profile()
+        shape = lambda b: (b, 3, img_size, img_size)  # noqa: E731
+        profile.set_shape("images", shape(batch.min), shape(batch.opt), shape(batch.max))
+        config.add_optimization_profile(profile)
     cache_bytes = Path(timing_cache).read_bytes() if timing_cache and Path(timing_cache).exists() else b""
     cache = config.create_timing_cache(cache_bytes)
     config.set_timing_cache(cache, False)

@@ -12,6 +12,9 @@ import clustervig
 from clustervig.graph import kmeans_init_indices
 from clustervig.utils import calibrate_batchnorm
 
+# tests/installed/ tests the wheel installed in an environment of its own; .ci/run runs it there
+collect_ignore_glob = [] if os.environ.get("CVIG_TEST_INSTALLED") else ["installed/*"]
+
 # under pytest-xdist the cores are shared by the workers: one worker's torch must not take them all
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(4, (os.cpu_count() or 1) // _WORKERS)))

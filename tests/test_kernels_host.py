@@ -492,6 +492,7 @@ def test_library_built_per_source_digest(tmp_path, monkeypatch):
     # a rebuilt library is named after the digest of its sources: a changed source cannot load a stale build
     monkeypatch.setenv(K.ENV_CACHE, str(tmp_path))
     monkeypatch.delenv(K.ENV_HOST, raising=False)
+    monkeypatch.setattr(K, "PACKAGED_HOST", tmp_path / "none.so")  # an installed wheel's prebuilt one aside
     path = K.find_host_library()
     assert path.parent == tmp_path and path.name == f"libcvig_kernels_host-{K.source_digest()}.so"
     assert K.KernelLibrary(path, "host").backend == "host"

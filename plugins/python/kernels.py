@@ -3,11 +3,13 @@
 Two libraries implement that ABI from one source (docs/design.md, "Kernels"):
 
 * ``libcvig_kernels_host.so``: the kernels compiled for the host CPU by the host
-  compiler alone. Found through ``CVIG_KERNELS_HOST_LIB``, or built on first use
-  from the repository's ``plugins/`` sources (a few seconds, cached per source
-  digest under ``build/kernels-host/``).
-* ``libcvig_kernels.so``: the CUDA kernels (``cmake -S plugins -B build/plugins``),
-  found through ``CVIG_KERNELS_LIB`` or ``build/plugins/``.
+  compiler alone. Found through ``CVIG_KERNELS_HOST_LIB``; an installed wheel
+  carries it prebuilt (``clustervig/plugins/lib/``); in a checkout it is built on
+  first use from ``plugins/`` (a few seconds, cached per source digest under
+  ``build/kernels-host/``, or ``~/.cache/clustervig/`` when that is not writable).
+* ``libcvig_kernels.so``: the CUDA kernels, found through ``CVIG_KERNELS_LIB``,
+  where ``cvig build-plugins`` recorded it (:mod:`clustervig.plugins.locations`),
+  or in a checkout's ``build/plugins/`` (``cmake -S plugins -B build/plugins``).
 
 Front ends: numpy functions on the host library (:func:`kmeans`,
 :func:`kmeans_centroids`, :func:`partitioned_knn`, :func:`segment_mean`, :func:`gather_max_rel`), used by
@@ -19,10 +21,8 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
-import hashlib
+import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
+
+from . import hostbuild, locations
 
 STATUS = {0: "ok", 1: "invalid argument", 2: "unsupported size", 3: "CUDA error"}
 ENV = "CVIG_KERNELS_LIB"  # CUDA library
@@ -39,12 +41,11 @@ FP32, FP16 = 0, 1
 MAX_K = 64  # CVIG_MAX_K
 HOST_SMEM_LIMIT = 227 * 1024  # CVIG_HOST_SMEM_LIMIT
 
-ROOT = Path(__file__).resolve().parents[2]
-PLUGINS = ROOT / "plugins"
-HOST_SOURCES = ("kmeans/kmeans_host.cpp", "knn/knn_host.cpp", "segment/segment_host.cpp")
-# the flags of the cvig_kernels_host CMake target (plugins/CMakeLists.txt); -ffp-contract=off keeps
-# the host's rounding identical to the CUDA kernels'
-HOST_FLAGS = ("-std=c++17", "-O3", "-ffp-contract=off", "-fPIC", "-shared", "-pthread", "-DCVIG_HOST_ONLY")
+PLUGINS = hostbuild.plugins_dir()  # the kernel sources: the installed package folder, or a checkout's plugins/
+INSTALLED = PLUGINS == Path(__file__).resolve().parent
+ROOT = PLUGINS.parent  # a checkout's root (only meaningful when not INSTALLED)
+PACKAGED_HOST = PLUGINS / "lib" / hostbuild.LIBRARY  # prebuilt by the wheel build (setup.py)
+HOST_SOURCES, HOST_FLAGS = hostbuild.HOST_SOURCES, hostbuild.HOST_FLAGS
 
 
 class KernelLibraryError(RuntimeError):
@@ -56,40 +57,29 @@ class KernelLibraryError(RuntimeError):
 # ----------------------------------------------------------------------------
 
 
-def _host_source_files():
-    files = [PLUGINS / "common" / "cvig_kernels.h"]
-    files += sorted((PLUGINS / "common").glob("*.h"))
-    for src in HOST_SOURCES:
-        folder = (PLUGINS / src).parent
-        files += sorted(folder.glob("*_impl.h")) + [PLUGINS / src]
-    return list(dict.fromkeys(files))
-
-
 def source_digest() -> str:
     """SHA-256 (first 16 hex digits) of every source the host library is built from, with the flags."""
-    h = hashlib.sha256(" ".join(HOST_FLAGS).encode())
-    for f in _host_source_files():
-        h.update(str(f.relative_to(PLUGINS)).encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
+    return hostbuild.source_digest(PLUGINS)
 
 
 def _cache_dir() -> Path:
     if os.environ.get(ENV_CACHE):
         return Path(os.environ[ENV_CACHE])
-    repo_build = ROOT / "build" / "kernels-host"
-    try:
-        repo_build.mkdir(parents=True, exist_ok=True)
-        if os.access(repo_build, os.W_OK):
-            return repo_build
-    except OSError:
-        pass
-    return Path.home() / ".cache" / "clustervig" / "kernels-host"
+    if not INSTALLED:
+        repo_build = ROOT / "build" / "kernels-host"
+        try:
+            repo_build.mkdir(parents=True, exist_ok=True)
+            if os.access(repo_build, os.W_OK):
+                return repo_build
+        except OSError:
+            pass
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clustervig" / "kernels-host"
 
 
 def _compiler() -> str:
-    for c in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if c and shutil.which(c):
-            return c
+    found = hostbuild.find_compiler()
+    if found:
+        return found
     raise KernelLibraryError(
         "no C++ compiler found to build libcvig_kernels_host.so: install g++ (or set CXX), "
         f"or point {ENV_HOST} at a library built with `cmake -S plugins -B build/plugins && cmake --build build/plugins`"
@@ -105,8 +95,8 @@ def build_host_library(dest: Optional[Path] = None, quiet: bool = False) -> Path
     """
     if not (PLUGINS / HOST_SOURCES[0]).is_file():
         raise KernelLibraryError(
-            f"the kernel sources are not at {PLUGINS} (an installed wheel carries no C++ sources): "
-            f"build libcvig_kernels_host.so with CMake from a checkout and set {ENV_HOST} to its path"
+            f"the kernel sources are not at {PLUGINS} (the package is incomplete: reinstall clustervig-trt, "
+            f"or set {ENV_HOST} to a libcvig_kernels_host.so built with CMake)"
         )
     dest = Path(dest) if dest is not None else _cache_dir()
     dest.mkdir(parents=True, exist_ok=True)
@@ -119,22 +109,37 @@ def build_host_library(dest: Optional[Path] = None, quiet: bool = False) -> Path
             print(f"[cvig] building {lib.name} from {PLUGINS} (one time, a few seconds)", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(dir=dest) as tmp:
             out = Path(tmp) / lib.name
-            cmd = [_compiler(), *HOST_FLAGS, f"-I{PLUGINS / 'common'}", *(str(PLUGINS / s) for s in HOST_SOURCES),
-                   "-o", str(out)]
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode != 0:
-                raise KernelLibraryError(f"building libcvig_kernels_host.so failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}")
+            try:
+                hostbuild.compile_host_library(PLUGINS, out, _compiler())
+            except RuntimeError as exc:
+                raise KernelLibraryError(str(exc)) from None
             os.replace(out, lib)
     return lib
 
 
+def packaged_host_library() -> Optional[Path]:
+    """The wheel's prebuilt host library, when it was built from exactly the sources beside it."""
+    record = PACKAGED_HOST.with_suffix(".json")
+    if not (PACKAGED_HOST.is_file() and record.is_file()):
+        return None
+    try:
+        built_from = json.loads(record.read_text()).get("source_digest")
+    except (OSError, ValueError):
+        return None
+    return PACKAGED_HOST if built_from == source_digest() else None
+
+
 def find_host_library(path: Optional[str] = None, build: bool = True) -> Path:
-    """The host library: ``path``, else ``$CVIG_KERNELS_HOST_LIB``, else the cached build of the current sources."""
+    """The host library: ``path``, else ``$CVIG_KERNELS_HOST_LIB``, else the installed package's prebuilt one,
+    else the cached build of the current sources (built now if ``build``)."""
     for p in (path, os.environ.get(ENV_HOST)):
         if p:
             if not Path(p).is_file():
                 raise KernelLibraryError(f"host kernel library {p} does not exist")
             return Path(p)
+    packaged = packaged_host_library()
+    if packaged is not None:
+        return packaged
     lib = _cache_dir() / f"libcvig_kernels_host-{source_digest()}.so"
     if lib.is_file():
         return lib
@@ -144,15 +149,17 @@ def find_host_library(path: Optional[str] = None, build: bool = True) -> Path:
 
 
 def find_library(path: Optional[str] = None) -> Path:
-    """The CUDA library: ``path``, else ``$CVIG_KERNELS_LIB``, else ``build/plugins/`` or ``build/`` of the checkout."""
-    candidates = [path, os.environ.get(ENV)]
-    candidates += [str(ROOT / "build" / "plugins" / "libcvig_kernels.so"), str(ROOT / "build" / "libcvig_kernels.so")]
+    """The CUDA library: ``path``, else ``$CVIG_KERNELS_LIB``, else where ``cvig build-plugins`` recorded it,
+    else ``build/plugins/`` or ``build/`` of a checkout."""
+    candidates = [path, os.environ.get(ENV), locations.recorded("kernels")]
+    if not INSTALLED:
+        candidates += [ROOT / "build" / "plugins" / "libcvig_kernels.so", ROOT / "build" / "libcvig_kernels.so"]
     for c in candidates:
         if c and Path(c).is_file():
             return Path(c)
     raise KernelLibraryError(
-        "libcvig_kernels.so (CUDA) not found: build it with `cmake -S plugins -B build/plugins && cmake --build "
-        f"build/plugins -j` (needs nvcc) or point {ENV} at it"
+        "libcvig_kernels.so (CUDA) not found: run `cvig build-plugins` (needs nvcc), or point "
+        f"{ENV} at a library built with `cmake -S plugins -B build/plugins && cmake --build build/plugins -j`"
     )
 
 
