@@ -135,8 +135,69 @@ def free_ports(n: int) -> List[int]:
             s.close()
 
 
+def _die_with_parent():
+    """A ``preexec_fn`` asking Linux to send the child SIGTERM when the thread that started it ends
+    (``PR_SET_PDEATHSIG``): a wrapper killed with SIGKILL (no handler can run) still stops its server, which
+    then stops its backend stubs. None where prctl is unavailable or off the main thread (the signal follows
+    the starting thread, not the process)."""
+    import threading
+
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:  # runs in the child between fork and exec: no imports, no allocation-heavy work
+        prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        if os.getppid() != parent:  # the parent died before prctl: nobody will stop us
+            os._exit(1)
+
+    return preexec
+
+
+OWNER_FILE = "cvig-owner.pid"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is dead too (its parent has not reaped it yet)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def remove_stale_work_folders(tmp: Optional[Path] = None) -> List[Path]:
+    """Remove the work folders (``cvig-triton-*``) that servers of dead wrappers left behind: a wrapper killed
+    with SIGKILL cannot clean up, so the next start does. Only folders whose recorded owner is not running."""
+    removed = []
+    for d in Path(tmp or tempfile.gettempdir()).glob("cvig-triton-*"):
+        try:
+            owner = int((d / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if d.is_dir() and d.stat().st_uid == os.getuid() and not _pid_alive(owner):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
 class LocalTriton:
-    """``tritonserver`` on 127.0.0.1 serving ``repo``: started on enter, stopped (by PID) on exit."""
+    """``tritonserver`` on 127.0.0.1 serving ``repo``: started on enter, stopped (by PID) on exit.
+
+    The server runs in a process group of its own; :meth:`stop` ends the whole group (the server and its Python
+    backend stubs) and removes the work folder. Started from the main thread, the server also gets SIGTERM when
+    this process dies without stopping it (``PR_SET_PDEATHSIG``), and the work folders of dead owners are
+    removed by the next start."""
 
     def __init__(self, repo: Path, env: Optional[Path] = None, start_timeout: float = 120,
                  extra_args: Sequence[str] = ()) -> None:
@@ -176,7 +237,9 @@ class LocalTriton:
     # -- life cycle --------------------------------------------------------
     def start(self) -> "LocalTriton":
         files = server_files(self.env)
+        remove_stale_work_folders()
         self.work = Path(tempfile.mkdtemp(prefix="cvig-triton-"))
+        (self.work / OWNER_FILE).write_text(str(os.getpid()))
         backend = self.work / "backends" / "python"
         backend.mkdir(parents=True)
         for f in files["python_backend"].iterdir():
@@ -198,22 +261,23 @@ class LocalTriton:
         log = open(self.work / "server.log", "wb")
         try:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.work,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=_die_with_parent())
         finally:
             log.close()
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                tail = self.log()[-4000:]
-                self.stop()
-                raise TritonSetupError(f"tritonserver exited with code {self.proc.returncode} while loading "
-                                       f"{self.repo}:\n{tail}")
-            if self.ready():
-                return self
-            time.sleep(0.2)
-        tail = self.log()[-4000:]
-        self.stop()
-        raise TritonSetupError(f"tritonserver was not ready after {self.start_timeout:.0f} s:\n{tail}")
+        try:
+            deadline = time.monotonic() + self.start_timeout
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    tail = self.log()[-4000:]
+                    raise TritonSetupError(f"tritonserver exited with code {self.proc.returncode} while loading "
+                                           f"{self.repo}:\n{tail}")
+                if self.ready():
+                    return self
+                time.sleep(0.2)
+            raise TritonSetupError(f"tritonserver was not ready after {self.start_timeout:.0f} s:\n{self.log()[-4000:]}")
+        except BaseException:  # not ready, or interrupted (Ctrl-C, a signal) while waiting: nothing stays behind
+            self.stop()
+            raise
 
     def ready(self) -> bool:
         try:
@@ -292,33 +356,75 @@ def setup_cmd(env):
     click.echo(f"Triton server environment: {path}")
 
 
+class _Stopped(BaseException):
+    """A termination signal received by ``serve``: unwinds to its cleanup like Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGHUP", "SIGQUIT")
+
+
 @command.command("serve")
 @click.argument("repo", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--env", "env", type=click.Path(path_type=Path), default=None,
               help=f"Environment folder (default: ${ENV_VAR} or build/triton-env; made on first use).")
 def serve_cmd(repo, env):
-    """Serve REPO on 127.0.0.1 until Ctrl-C.
+    """Serve REPO on 127.0.0.1 until Ctrl-C or any termination signal.
 
     \b
     Example:
       cvig export --model cvig_nano --dynamic-batch 1:4:8 --triton-repo repo --triton-backend python -o out
       python -m clustervig.runtime.triton_local serve repo
+
+    \b
+    However this command ends (Ctrl-C, kill, SIGHUP when its terminal closes,
+    SIGQUIT) it stops the server's process group (the server and its Python
+    backend stubs) and removes its temporary folder; exit status 128 + the
+    signal's number (130 for Ctrl-C). Killed with SIGKILL, it cannot: the
+    server then gets SIGTERM from the kernel (PR_SET_PDEATHSIG) and stops its
+    stubs, and the next serve removes the temporary folder left behind.
     """
+    def stop_on(signum, frame):
+        raise _Stopped(signum)
+
+    previous = {signal.SIGINT: signal.getsignal(signal.SIGINT)}  # restored as it was (ignored under nohup ... &)
+    for name in STOP_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            previous[sig] = signal.signal(sig, stop_on)
+    server = None
+    code = 0
     try:
-        env = ensure_env(env)
-        server = LocalTriton(repo, env).start()
-    except TritonSetupError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(f"tritonserver (PID {server.pid}) serving {repo}: HTTP {server.http_url}, gRPC {server.grpc_url}, "
-               f"metrics {server.metrics_url}; Ctrl-C stops it")
-    try:
+        try:
+            env = ensure_env(env)
+            server = LocalTriton(repo, env).start()
+        except TritonSetupError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"tritonserver (PID {server.pid}) serving {repo}: HTTP {server.http_url}, gRPC {server.grpc_url}, "
+                   f"metrics {server.metrics_url}; Ctrl-C stops it")
         while server.proc.poll() is None:
             time.sleep(0.5)
         click.echo(f"tritonserver exited with code {server.proc.returncode}:\n{server.log()[-2000:]}", err=True)
+        code = 1
     except KeyboardInterrupt:
-        pass
+        code = 128 + signal.SIGINT
+    except _Stopped as stop:
+        code = 128 + stop.signum
     finally:
-        server.stop()
+        for sig in previous:  # a second signal must not cut the cleanup short
+            signal.signal(sig, signal.SIG_IGN)
+        if server is not None:
+            server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    if code:
+        if code > 128:
+            click.echo(f"stopped by {signal.Signals(code - 128).name}: tritonserver and its stubs stopped, "
+                       "temporary folder removed", err=True)
+        sys.exit(code)
 
 
 if __name__ == "__main__":
