@@ -1,9 +1,12 @@
 """cvig-export: checkpoint -> validated FP32/FP16 ONNX (and a TensorRT engine where TensorRT is installed)."""
 from __future__ import annotations
 
+import errno
+import importlib.metadata
 import json
 import math
 import os
+import platform
 import shutil
 import tempfile
 import time
@@ -21,12 +24,14 @@ from clustervig.checkpoint import build_model as build_checked_model
 from clustervig.cliutil import CTX, Terminated, check_output_dir, check_output_file, existing_file, signals_deferred, \
     terminate_as_interrupt
 from clustervig.graph import kmeans_labels
-from clustervig.preprocess import sample_photographs, transform_spec
-from clustervig.utils import calibrate_batchnorm, write_json_atomic
+from clustervig.preprocess import ImageError, load_image, sample_photographs, transform_spec
+from clustervig.registry import get_config
+from clustervig.utils import FolderBusy, calibrate_batchnorm, folder_lock, write_json_atomic
 
 from .fp16 import DEFAULT_FP32_ISLANDS, FP16_HEADROOM, ISLAND_PIECES, FP16_SAFE_BOUND, convert_fp16, count_precision, float_tensor_ranges, \
     is_island, overflow_nodes
-from .gates import DEFAULT_GATES, GateError, check_gates, effective_gates, fmt_cosine, fmt_fraction, parse_gates
+from .gates import DEFAULT_GATES, GateError, capacity_gates, check_gates, effective_gates, fmt_cosine, fmt_fraction, \
+    fmt_threshold, parse_gates
 from clustervig.calib import CalibrationDataError, calibration_files, file_batches, load_or_collect, quantize_qdq
 from clustervig.calib.calibrate import images_fingerprint
 from clustervig.calib.modelopt_backend import METHODS as MODELOPT_METHODS, ModelOptUnavailable, quantize_modelopt
@@ -63,7 +68,13 @@ ONNX metadata, read by cvig-run beside model_*.plan). Files appear only when
 the whole export succeeded (they are staged in a temporary folder first) and
 every artifact passed its validation gates; when a gate fails, nothing is
 published, the command exits 1 and the artifacts and report.json are kept in
-OUT/failed-<UTC time>/ for inspection.
+OUT/failed-<UTC time>/ for inspection. OUT's parent folder must exist. One
+export at a time owns OUT (a lock file, OUT/.cvig-export.lock, removed at
+the end): a second export into it is refused at once, naming the running
+one's PID. The files of an earlier export there (those its report.json
+lists) are replaced; any other file with a name this export writes
+(model_fp32.onnx, preprocess.json, ...) is refused before any work unless
+--force is given; other files are never touched.
 
 \b
 Validation gates (--gate KEY=VALUE, VALUE a number or 'off'; defaults):
@@ -73,6 +84,9 @@ Validation gates (--gate KEY=VALUE, VALUE a number or 'off'; defaults):
   plugins.cosine=0.9999 plugins.top1=1  plugin graph vs FP32
   fp32.accuracy_drop=0.005 fp16.accuracy_drop=0.01 int8.accuracy_drop=off
   plugins.accuracy_drop=0.005          on a --validate-set only (below)
+  capacity.overflow=0.05             --knn padded with --capacity P below N: the
+                                     share of (image, token, block) slots whose
+                                     token overflows its partition, per input set
 Every artifact must also give finite logits. cosine is the worst image's
 logit cosine, top1 the top-1 agreement, on each input set. Without
 --checkpoint (random weights) fp16 and int8 check finiteness only.
@@ -237,11 +251,16 @@ def parse_islands(text: str) -> List[str]:
 @click.option("--no-gates", "no_gates", is_flag=True, default=False,
               help="Expert: publish even when an artifact misses its validation gates (they are still reported).")
 @click.option("-o", "--output", "--out", "out", type=click.Path(path_type=Path), required=True,
-              help="Output folder. An earlier export there is replaced as a whole; other files are left alone.")
+              help="Output folder (its parent must exist; one export at a time). An earlier export there is replaced "
+                   "as a whole; other files are left alone, and an export that would overwrite one is refused.")
+@click.option("--force", is_flag=True, default=False,
+              help="Replace files in the output folder that have the names this export writes (model_fp32.onnx, "
+                   "preprocess.json, report.json, ...) although no earlier export's report.json lists them. "
+                   "Files with other names are still left alone.")
 def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, fp16, fp16_io, fp32_islands, int8, calib_dir,
          calib_method, int8_backend, calib_samples, opset, knn,
          capacity, normalize_in_graph, simplify, plugins, engine, plugins_lib, workspace, tf32, timing_cache, triton_repo,
-         triton_backends, validate, samples, validate_set, validate_images, out, gate_specs, no_gates):
+         triton_backends, validate, samples, validate_set, validate_images, out, force, gate_specs, no_gates):
     """Export a ClusterViG checkpoint to ONNX (FP32, optionally FP16/INT8/plugin graph), validate every
     artifact against PyTorch, and build TensorRT engines where TensorRT is installed."""
     # every argument, input and output path is checked here, before any long work
@@ -282,6 +301,7 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
         if len(calib_files) < calib_samples:
             click.secho(f"note: {calib_dir} holds {len(calib_files)} images, fewer than --calib-samples {calib_samples}: "
                         f"calibrating on {len(calib_files)}", fg="yellow", err=True)
+        check_calibration_images(calib_files)
     try:
         gate_overrides = parse_gates(gate_specs)
     except GateError as exc:
@@ -296,33 +316,146 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
             check_validate_set(validate_set)
         except ValidateSetError as exc:
             raise click.BadParameter(str(exc), param_hint="--validate-set") from None
+    check_output_parent(out, "-o/--output")
     check_output_dir(out, "-o/--output")
+    check_output_parent(triton_repo, "--triton-repo")
     check_output_dir(triton_repo, "--triton-repo")
     check_output_file(timing_cache, "--timing-cache")
     if triton_repo is not None and _inside(Path(triton_repo), Path(out)) is not None:
         raise click.BadParameter(f"{triton_repo} is inside the output folder {out}; give the repository its own folder",
                                  param_hint="--triton-repo")
     check_triton_backends(triton_repo, triton_backends, engine)
-    earlier = earlier_export(out)  # read before any work: a broken report.json is reported now
-    if no_gates:
-        click.secho("WARNING: --no-gates: artifacts are published even if they miss their validation gates "
-                    "(failures are only printed and recorded in report.json).", fg="yellow", err=True)
-    created = not Path(out).exists()
+    planned = planned_files(fp16, int8, int8_backend, plugins, plugins_lib, engine)
+    out = Path(out)
+    state: Dict = {}  # what _export got to (size estimate, published): for a full disk's message
     try:
         with terminate_as_interrupt():
-            _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io, islands, int8, calib_dir, calib_files,
-                    calib_method, int8_backend, opset, knn, capacity, normalize_in_graph, simplify, plugins, engine, plugins_lib, workspace,
-                    tf32, timing_cache, triton_repo, list(triton_backends) or None, validate, samples, validate_set, validate_images, Path(out),
-                    gate_overrides, no_gates, earlier)
-    except BaseException as exc:
-        if created and Path(out).is_dir() and not any(Path(out).iterdir()):
-            Path(out).rmdir()  # a failed first export leaves no empty folder behind
-        if isinstance(exc, KeyboardInterrupt):
-            term = isinstance(exc, Terminated)
-            click.secho(f"{'terminated' if term else 'interrupted'}: nothing was published, {out}/ is as it was",
-                        fg="yellow", err=True)
-            raise SystemExit(143 if term else 130) from None
+            # the folder is this export's from here to the end of its publication; a failed first export
+            # leaves no empty folder behind (folder_lock removes the folder it created when it is empty)
+            with folder_lock(out, LOCK_FILE):
+                # read under the lock, before any work: a broken report.json, or another's files, are refused now
+                earlier = earlier_export(out, force)
+                replaced = check_foreign_files(out, planned, earlier, force)
+                if no_gates:
+                    click.secho("WARNING: --no-gates: artifacts are published even if they miss their validation gates "
+                                "(failures are only printed and recorded in report.json).", fg="yellow", err=True)
+                _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io, islands, int8, calib_dir,
+                        calib_files, calib_method, int8_backend, opset, knn, capacity, normalize_in_graph, simplify, plugins,
+                        engine, plugins_lib, workspace, tf32, timing_cache, triton_repo, list(triton_backends) or None,
+                        validate, samples, validate_set, validate_images, out, gate_overrides, no_gates, earlier, replaced,
+                        state)
+    except FolderBusy as exc:
+        raise click.ClickException(
+            f"{out}/ is in use by another cvig export (PID {exc.pid if exc.pid is not None else 'unknown'}), which owns it "
+            "until it has finished: wait for it to finish, or choose another output folder") from None
+    except KeyboardInterrupt as exc:
+        term = isinstance(exc, Terminated)
+        click.secho(f"{'terminated' if term else 'interrupted'}: nothing was published, {out}/ is as it was",
+                    fg="yellow", err=True)
+        raise SystemExit(143 if term else 130) from None
+    except click.ClickException:
         raise
+    except Exception as exc:  # a full disk, wherever it struck (ENOSPC may arrive wrapped): one line, not a traceback
+        full = _disk_full(exc)
+        if full is None:
+            raise
+        raise click.ClickException(disk_full_message(full, out, state.get("estimate"), state.get("published", False))) from None
+
+
+LOCK_FILE = ".cvig-export.lock"  # inside OUT while an export owns it; never published, removed at the end
+
+
+def check_output_parent(out: Optional[Path], option: str) -> None:
+    """The output folder may be created, its parent not (as ``cvig run -o``: a typo in a path is not a tree
+    of new folders)."""
+    if out is None:
+        return
+    out = Path(out)
+    parent = out.absolute().parent
+    if not out.exists() and not parent.exists():  # a parent that is a file: check_output_dir says so
+        raise click.BadParameter(f"folder {out.parent} does not exist; create it first or choose another path",
+                                 param_hint=option)
+
+
+def check_calibration_images(files: List[Path]) -> None:
+    """Decode every calibration image now, before any work (they are read again, preprocessed, when the model's
+    input size is known): a damaged or foreign file fails at once, not after the FP32 export."""
+    for f in files:
+        try:
+            load_image(f).close()
+        except ImageError as exc:
+            raise click.ClickException(f"calibration image unusable: {exc}") from None
+
+
+def planned_files(fp16: bool, int8: bool, int8_backend: str, plugins: bool, plugins_lib: Optional[Path],
+                  engine: bool) -> List[str]:
+    """Every name this export may write into OUT, known before any work: report.json, preprocess.json,
+    labels.txt, model_<precision>.onnx/.json (and .plan where TensorRT will build it), the calibration cache."""
+    arts = ["fp32"] + ["fp16"] * fp16 + ["int8"] * int8 + ["plugins"] * plugins
+    names = [REPORT, "preprocess.json", "labels.txt"] + [f"model_{a}{ext}" for a in arts for ext in (".onnx", ".json")]
+    if int8 and int8_backend == "ort":
+        names.append(CALIB_CACHE)
+    if engine:
+        try:
+            tensorrt_module()
+            names += [f"model_{a}.plan" for a in arts if a != "plugins" or plugins_lib is not None]
+        except TensorRTUnavailable:
+            pass  # no engines are built here
+    return sorted(names)
+
+
+def check_foreign_files(out: Path, planned: List[str], earlier: Optional[Dict], force: bool) -> List[str]:
+    """The files in ``out`` this export would replace although no earlier export owns them (no report.json of
+    cvig export there lists them): refused, before any work, unless ``force``; returns them (to replace)."""
+    owned = set((earlier or {}).get("files", []))
+    foreign = [n for n in planned if n not in owned and os.path.lexists(out / n)]
+    if foreign and not force:
+        why = (f"which the earlier export's {REPORT} there does not list" if earlier is not None
+               else f"and no {REPORT} of an earlier cvig export lists them")
+        raise click.ClickException(
+            f"{out}/ holds {', '.join(foreign)}, {why}: this export would replace {'them' if len(foreign) > 1 else 'it'}; "
+            "choose another output folder, or add --force to replace them")
+    return foreign
+
+
+def _disk_full(exc: BaseException) -> Optional[OSError]:
+    """The ENOSPC/EDQUOT OSError behind ``exc`` (itself, its cause or context), or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def export_size_estimate(model, fp16: bool, int8: bool, plugins: bool) -> int:
+    """About the bytes the ONNX artifacts take: each holds the weights (FP32: 4 bytes a number, FP16: 2; the
+    INT8 and plugin graphs counted as FP32) and a graph of up to about a MiB; report and sidecars are small."""
+    weights = sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point())
+    return int(weights * (1 + 0.5 * fp16 + int8 + plugins)) + 2**20 * (2 + fp16 + int8 + plugins)
+
+
+def disk_full_message(exc: OSError, out: Path, need: Optional[int], published: bool = False) -> str:
+    """One line for a full disk: where, how much is free there now (the staged files are gone) and about how
+    much the export needs (:func:`export_size_estimate`, once the model is built); ``published``: it struck
+    after the export's files were in place (updating report.json for the Triton repository)."""
+    where = Path(exc.filename).parent if exc.filename else out
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = _mib(shutil.disk_usage(where).free)
+    except OSError:
+        free = "unknown"
+    needed = f", the export needs about {_mib(need)}" if need else ""
+    done = (f"the export is published in {out}/ but {exc.filename or 'a file'} could not be written" if published
+            else f"nothing was published, {out}/ is as it was")
+    return (f"no space left on the device of {where}/ ({free} free{needed}): {done}; "
+            "free some space there or choose a folder on another disk (-o)")
 
 
 def check_triton_backends(triton_repo: Optional[Path], backends, engine: bool) -> None:
@@ -353,7 +486,7 @@ def _inside(path: Path, folder: Path) -> Optional[Path]:
 def _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io, islands, int8, calib_dir, calib_files,
             calib_method, int8_backend, opset, knn, capacity, normalize_in_graph, simplify, plugins, engine, plugins_lib, workspace, tf32,
             timing_cache, triton_repo, triton_backends, validate, samples, validate_set, validate_images, out: Path, gate_overrides, no_gates,
-            earlier) -> None:
+            earlier, replaced: List[str], state: Dict) -> None:
     n_steps = 3 + int(fp16) + int(validate) + int(plugins) + int(int8)
     step = 0
     timings: Dict[str, float] = {}
@@ -372,13 +505,26 @@ def _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io
         # zero the head's BatchNorm (one pooled vector has no variance) and the logits with it
         calibrate_batchnorm(model, [sample_photographs(transform_spec(model.cfg))])
     spec = transform_spec(model.cfg)
+    state["estimate"] = export_size_estimate(model, fp16, int8, plugins)
     capacity_info = resolve_capacity(model, capacity, inputs, calib_files)
+    described = describe_model(model.cfg)  # after the capacity: auto's P is part of the config
+    gates = effective_gates(gate_overrides, random_weights=checkpoint is None)
+    capacity_results = capacity_gates(capacity_info, gates)
+    failed_capacity = [r["reason"] for r in capacity_results if not r["passed"]]
+    if failed_capacity and validate and not no_gates:  # known before any export work: fail now
+        for line in failed_capacity:
+            click.secho(f"GATE FAILED {line}", fg="red", err=True)
+        raise click.ClickException(
+            f"--capacity {capacity_info['capacity']} overflows too many tokens (gate capacity.overflow <= "
+            f"{fmt_threshold(gates['capacity.overflow']['threshold'], True)}): nothing was exported to {out}/; give a larger --capacity "
+            f"(the largest partition measured is {capacity_info['largest_partition']}) or auto, or change the gate "
+            "(--gate capacity.overflow=VALUE, or --no-gates)")
     labelled = labelled_set(model, checkpoint, validate_set, validate_images, bspec) if validate_set else None
-    timings["build_model"] = _done(t, f"{model.cfg.name}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params"
+    timings["build_model"] = _done(t, f"{described['label']}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params"
                                       + (f"; --validate-set {labelled.name}: {len(labelled.labels)} of {labelled.available} "
                                          "labelled images" if labelled else ""))
 
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(exist_ok=True)  # folder_lock made it; the parent was checked
     stage = Path(tempfile.mkdtemp(prefix=".cvig-export-", dir=out))
     try:
         step += 1
@@ -440,7 +586,7 @@ def _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io
             check_model(g8)
             atomic_save(g8, stage / "model_int8.onnx")
             artifacts["int8"] = stage / "model_int8.onnx"
-            calibration = {"method": calib_method, "backend": int8_backend, "folder": str(calib_dir),
+            calibration = {"method": calib_method, "backend": int8_backend, "folder": str(Path(calib_dir).resolve()),
                            "images": len(calib_files), "images_sha256": cal["key"]["images"], "from_cache": cal["cached"]}
             timings["export_int8"] = _done(t, summary_line)
         if plugins:
@@ -454,9 +600,13 @@ def _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io
             atomic_save(pg, stage / "model_plugins.onnx")
             artifacts["plugins"] = stage / "model_plugins.onnx"
             timings["plugins"] = _done(t, surgery.line())
+        # paths: files in the report's own folder by name (relative to it: the folder can be moved), every
+        # other path absolute (the report does not depend on the working directory it was written from)
         report: Dict = {
-            "model": model.cfg.to_dict(),
-            "checkpoint": str(checkpoint) if checkpoint else None,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "versions": tool_versions(),
+            "model": described["model"],
+            "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
             "random_weights": checkpoint is None,
             "seed": seed if checkpoint is None else None,
             "batch": str(bspec),
@@ -483,8 +633,7 @@ def _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io
             if labelled is not None:
                 report["validation"]["labelled_set"] = labelled.describe()
             timings["validate"] = _done(t)
-            gates = effective_gates(gate_overrides, random_weights=checkpoint is None)
-            results = check_gates(report["validation"], gates)
+            results = check_gates(report["validation"], gates) + capacity_results
             report["gates"] = {"enforced": not no_gates, "thresholds": gates, "results": results,
                                "failed": [r["reason"] for r in results if not r["passed"]]}
         else:
@@ -510,6 +659,7 @@ def _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io
                     build_engine(path, plan, bspec, model.cfg.img_size, workspace, timing_cache, tf32=tf32,
                                  plugin_library=plugins_lib if name == "plugins" else None)
                     engines[name] = plan
+                    report["versions"]["tensorrt"] = getattr(tensorrt_module(), "__version__", "unknown")
                 except TensorRTUnavailable:
                     hints = [build_command_hint(out / p.name, out / f"model_{n}.plan", bspec, model.cfg.img_size, tf32,
                                                 (plugins_lib or "build/plugins/libcvig_plugins.so") if n == "plugins" else None)
@@ -525,7 +675,7 @@ def _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io
         staged = {**artifacts, **{f"{k}_engine": v for k, v in engines.items()}}
         metas = {}
         for name, path in staged.items():
-            entry = {"path": str(out / path.name), "bytes": path.stat().st_size}
+            entry = {"path": path.name, "bytes": path.stat().st_size}
             if path.suffix == ".onnx":
                 g = onnx.load(str(path), load_external_data=False)
                 metas[name] = get_metadata(g)
@@ -544,7 +694,7 @@ def _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io
         names = _class_names(model.cfg)
         sidecars = write_sidecars(stage, names, metas)
         if triton_repo is not None:
-            report["triton_repo"] = {"path": str(triton_repo), "models": []}
+            report["triton_repo"] = {"path": str(Path(triton_repo).resolve()), "models": []}
         files = [p.name for p in sidecars] + [p.name for p in staged.values()] + [REPORT]
         if calibration is not None and (stage / CALIB_CACHE).is_file():  # ModelOpt keeps no cache
             files.append(CALIB_CACHE)
@@ -555,6 +705,7 @@ def _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io
         # publish: everything or nothing, never cut in half by Ctrl-C or SIGTERM
         with signals_deferred():
             removed = publish(stage, out, files, earlier)
+            state["published"] = True
             if triton_repo is not None:
                 src = out / (staged.get("fp16") or staged["fp32"]).name
                 eng = engines.get("fp16", engines.get("fp32"))
@@ -572,6 +723,9 @@ def _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io
         shutil.rmtree(stage, ignore_errors=True)
     if removed:
         click.echo(f"replaced the earlier export in {out}/: removed its {', '.join(removed)}", err=True)
+    forced = [n for n in replaced if n in files]
+    if forced:
+        click.secho(f"--force: replaced {', '.join(forced)} in {out}/ (no earlier export listed them)", fg="yellow", err=True)
     if triton_repo is not None:
         click.echo(f"Triton repository: {triton_repo} ({', '.join(report['triton_repo']['models'])})", err=True)
     click.echo(summary_table(report), err=False)
@@ -584,10 +738,10 @@ REPORT = "report.json"
 CALIB_CACHE = "calibration_cache.json"
 
 
-def earlier_export(out: Path) -> Optional[Dict]:
+def earlier_export(out: Path, force: bool = False) -> Optional[Dict]:
     """What an earlier export in ``out`` owns, from its report.json: {"model": name, "files": [names]}.
     None when ``out`` holds no export. A report.json that is not an export's is an error (the folder is
-    someone else's)."""
+    someone else's), unless ``force`` (it is then one more file this export replaces)."""
     rp = Path(out) / REPORT
     if not rp.is_file():
         return None
@@ -596,8 +750,10 @@ def earlier_export(out: Path) -> Optional[Dict]:
         if not isinstance(rep, dict) or "artifacts" not in rep:
             raise ValueError
     except (ValueError, OSError):
-        raise click.BadParameter(f"{out} holds a {REPORT} that cvig export did not write; choose another output folder",
-                                 param_hint="-o/--output") from None
+        if force:
+            return None
+        raise click.BadParameter(f"{out} holds a {REPORT} that cvig export did not write; choose another output folder "
+                                 "(or add --force to replace it)", param_hint="-o/--output") from None
     files = rep.get("files")
     if files is None:  # reports of earlier versions: the artifacts, the sidecars, the cache
         files = [Path(a["path"]).name for a in rep["artifacts"].values()] + list(rep.get("sidecars", [])) + [REPORT]
@@ -641,9 +797,10 @@ def _partition_batches(images: torch.Tensor, batch: int = 8):
     return [images[i:i + batch] for i in range(0, len(images), batch)]
 
 
-def measure_partitions(model, images: torch.Tensor, capacity: Optional[int] = None) -> Dict[str, int]:
+def measure_partitions(model, images: torch.Tensor, capacity: Optional[int] = None) -> Dict:
     """Largest partition (tokens sharing a k-means label in one image, any block) and the overflow tokens
-    (all blocks, all images) of ``model`` on ``images`` with the padded layout at ``capacity`` (None: N)."""
+    (all images; in all, and per block) of ``model`` on ``images`` with the padded layout at ``capacity``
+    (None: N)."""
     model.set_form("static", capacity=capacity or model.cfg.tokens)
     largest = [0]
 
@@ -652,21 +809,46 @@ def measure_partitions(model, images: torch.Tensor, capacity: Optional[int] = No
         sizes = (labels.unsqueeze(-1) == torch.arange(mod.clusters, device=labels.device)).sum(1)
         largest[0] = max(largest[0], int(sizes.max()))
 
-    hooks = [d.kmeans.register_forward_hook(hook) for d in model.degc_modules()]
-    overflow = 0
+    degcs = list(model.degc_modules())
+    hooks = [d.kmeans.register_forward_hook(hook) for d in degcs]
+    per_block = [0] * len(degcs)
     try:
         with torch.no_grad():
             for x in _partition_batches(images):
                 model(x)
-                overflow += sum(d.knn.last_overflow for d in model.degc_modules())
+                for i, d in enumerate(degcs):
+                    per_block[i] += d.knn.last_overflow
     finally:
         for h in hooks:
             h.remove()
-    return {"largest_partition": largest[0], "overflow_tokens": overflow}
+    return {"largest_partition": largest[0], "overflow_tokens": sum(per_block), "overflow_per_block": per_block}
+
+
+def capacity_sets(model, inputs: Dict[str, torch.Tensor], calib_files: Optional[List[Path]]) -> Dict[str, torch.Tensor]:
+    """The images a capacity is chosen and checked on: the validation sets ("photos", "random") and the
+    --calib-dir images (never the held-out --validate-set)."""
+    sets = dict(inputs)
+    if calib_files:
+        try:
+            sets["calibration"] = torch.cat([torch.from_numpy(b) for b in file_batches(calib_files, transform_spec(model.cfg))])
+        except CalibrationDataError as exc:
+            raise click.ClickException(str(exc)) from None
+    return sets
+
+
+def overflow_entry(model, x: torch.Tensor, capacity: int, largest: int) -> Dict:
+    """report.json ``capacity.sets[<set>]`` at ``capacity``: the overflow tokens in all and per block, and
+    their share of the (image, token, block) slots."""
+    m = measure_partitions(model, x, capacity)
+    slots = len(x) * model.cfg.tokens * len(m["overflow_per_block"])
+    return {"images": len(x), "largest_partition": largest, "overflow_at_capacity": m["overflow_tokens"],
+            "overflow_at_capacity_per_block": m["overflow_per_block"], "slots": slots,
+            "overflow_fraction": m["overflow_tokens"] / slots}
 
 
 def resolve_capacity(model, capacity, inputs: Dict[str, torch.Tensor], calib_files: Optional[List[Path]]) -> Optional[Dict]:
-    """Check ``--capacity`` against the model, pick P for ``auto``, and return the report.json entry."""
+    """Check ``--capacity`` against the model, pick P for ``auto``, measure the overflow at P on the validation
+    (and calibration) images, per set and per block, and return the report.json entry."""
     n = model.cfg.tokens
     padded = model.cfg.knn_mode == "padded"
     if capacity is None:
@@ -674,33 +856,80 @@ def resolve_capacity(model, capacity, inputs: Dict[str, torch.Tensor], calib_fil
     if not padded:
         raise click.UsageError(f"--capacity {capacity} applies to the padded k-NN layout, and {model.cfg.name} "
                                f"(N = {n} tokens) uses the masked one with --knn {model.cfg.knn}; add --knn padded")
-    if capacity != "auto":
-        if capacity > n:
-            raise click.UsageError(f"--capacity {capacity} is above N = {n} tokens of {model.cfg.name} "
-                                   f"(P = N is already exact): give 1..{n} or auto")
-        return {"mode": "fixed", "capacity": capacity, "tokens": n}
-    sets = dict(inputs)  # the validation sets ("photos", "random")
-    if calib_files:
-        try:
-            sets["calibration"] = torch.cat([torch.from_numpy(b) for b in file_batches(calib_files, transform_spec(model.cfg))])
-        except CalibrationDataError as exc:
-            raise click.ClickException(str(exc)) from None
-    exact = {name: measure_partitions(model, x) for name, x in sets.items()}
-    need = max(m["largest_partition"] for m in exact.values())  # smallest P without overflow on every set
-    chosen = min(n, math.ceil(CAPACITY_AUTO_MARGIN * need))
-    per_set = {}
-    for name, x in sets.items():
-        per_set[name] = {"images": len(x), "largest_partition": exact[name]["largest_partition"],
-                         "overflow_at_capacity": measure_partitions(model, x, chosen)["overflow_tokens"],
-                         "overflow_at_largest_partition": measure_partitions(model, x, need)["overflow_tokens"]}
-        if need > 1:  # one below the measured maximum: the set that holds it overflows
-            per_set[name]["overflow_below_largest_partition"] = measure_partitions(model, x, need - 1)["overflow_tokens"]
+    if capacity != "auto" and capacity > n:
+        raise click.UsageError(f"--capacity {capacity} is above N = {n} tokens of {model.cfg.name} "
+                               f"(P = N is already exact): give 1..{n} or auto")
+    sets = capacity_sets(model, inputs, calib_files)
+    exact = {name: measure_partitions(model, x)["largest_partition"] for name, x in sets.items()}
+    need = max(exact.values())  # smallest P without overflow on every set
+    chosen = min(n, math.ceil(CAPACITY_AUTO_MARGIN * need)) if capacity == "auto" else capacity
+    per_set = {name: overflow_entry(model, x, chosen, exact[name]) for name, x in sets.items()}
+    if capacity == "auto":
+        for name, x in sets.items():
+            per_set[name]["overflow_at_largest_partition"] = measure_partitions(model, x, need)["overflow_tokens"]
+            if need > 1:  # one below the measured maximum: the set that holds it overflows
+                per_set[name]["overflow_below_largest_partition"] = measure_partitions(model, x, need - 1)["overflow_tokens"]
     model.set_form("static", capacity=chosen)
-    click.echo(f"      --capacity auto: P = {chosen} (largest partition {need} x margin {CAPACITY_AUTO_MARGIN}, "
-               f"N = {n}); overflow at P: "
-               + ", ".join(f"{k} {v['overflow_at_capacity']}" for k, v in per_set.items()), err=True)
-    return {"mode": "auto", "capacity": chosen, "tokens": n, "margin": CAPACITY_AUTO_MARGIN,
-            "largest_partition": need, "sets": per_set}
+    overflow = ", ".join(f"{k} {v['overflow_at_capacity']}" for k, v in per_set.items())
+    if capacity == "auto":
+        click.echo(f"      --capacity auto: P = {chosen} (largest partition {need} x margin {CAPACITY_AUTO_MARGIN}, "
+                   f"N = {n}); overflow at P: {overflow}", err=True)
+    if any(v["overflow_at_capacity"] for v in per_set.values()):
+        click.secho(f"WARNING: --capacity {capacity if capacity != 'auto' else chosen}: tokens overflow their partition "
+                    "(each keeps only itself as neighbour in that block): "
+                    + "; ".join(f"{k} {v['overflow_at_capacity']} of {v['slots']} token-block slots "
+                                f"({fmt_fraction(v['overflow_fraction'])}), per block {v['overflow_at_capacity_per_block']}"
+                                for k, v in per_set.items())
+                    + f"; the largest partition measured is {need} (N = {n}): --capacity {need} or auto avoids it "
+                    "on these images", fg="yellow", err=True)
+    entry = {"mode": "auto" if capacity == "auto" else "fixed", "capacity": chosen, "tokens": n}
+    if capacity == "auto":
+        entry["margin"] = CAPACITY_AUTO_MARGIN
+    entry.update({"largest_partition": need, "sets": per_set})
+    return entry
+
+
+# what makes a variant (sizes and structure): another value makes the model a custom size of it; the class
+# count, local update, k-NN layout, preprocessing and numerics are options of a variant (README, "The model")
+ARCHITECTURE = ("dim", "depth", "grid", "clusters", "groups", "img_size", "stem_layers", "head_dim", "k_min", "k_max",
+                "kmeans_iters", "global_update", "distillation")
+
+
+def describe_model(cfg) -> Dict:
+    """The model as report.json and the summary name it: a registered variant by its name; a checkpoint of other
+    sizes (e.g. ``cvig convert --config``, recorded under the nearest registered name) as ``custom``, with the
+    variant its config starts from (``base``) and the values that differ (``custom``)."""
+    model = cfg.to_dict()
+    try:
+        base = get_config(cfg.name)
+    except ValueError:
+        base = None
+    differs = {k: getattr(cfg, k) for k in ARCHITECTURE if base is None or getattr(cfg, k) != getattr(base, k)}
+    if base is None or differs:
+        model.update(name="custom", base=cfg.name, custom=differs)
+    return {"label": model_label(model), "model": model}
+
+
+def model_label(model: Dict) -> str:
+    """report.json's ``model`` in a few words: ``cvig_digits``, or ``custom (dim=64, depth=2, ...; otherwise cvig_ti)``."""
+    if model.get("name") != "custom":
+        return str(model.get("name"))
+    sizes = ", ".join(f"{k}={v}" for k, v in (model.get("custom") or {}).items())
+    return f"custom ({sizes}; otherwise {model.get('base')})"
+
+
+def tool_versions() -> Dict[str, str]:
+    """The versions that made the artifacts (TensorRT's is added where it builds an engine)."""
+    def version(dist: str, module) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return getattr(module, "__version__", "unknown")
+
+    import onnxruntime
+
+    return {"clustervig-trt": version("clustervig-trt", clustervig), "python": platform.python_version(),
+            "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
 def fp16_range_analysis(g32: onnx.ModelProto, inputs: Dict[str, torch.Tensor], islands: List[str],
@@ -734,13 +963,13 @@ def _keep_failed(stage: Path, out: Path, report: Dict, artifacts: Dict[str, Path
     dest, i = out / f"failed-{stamp}", 1
     while dest.exists():
         dest, i = out / f"failed-{stamp}-{i}", i + 1
-    for name, path in artifacts.items():
-        report["artifacts"][name] = {"path": str(dest / path.name), "bytes": path.stat().st_size,
+    for name, path in artifacts.items():  # by name: relative to the folder of this report.json, dest
+        report["artifacts"][name] = {"path": path.name, "bytes": path.stat().st_size,
                                      "nodes": len(onnx.load(str(path), load_external_data=False).graph.node)}
     if precision:
         report["artifacts"]["fp16"]["precision_of_compute_ops"] = precision
     report["published"] = False
-    report["failed_dir"] = str(dest)
+    report["failed_dir"] = str(dest.resolve())
     write_json_atomic(stage / "report.json", report)
     umask = os.umask(0)
     os.umask(umask)
@@ -780,12 +1009,19 @@ def write_sidecars(stage: Path, names: Optional[List[str]], metas: Dict[str, Dic
 
 
 def summary_table(report: Dict) -> str:
-    lines: List[str] = ["", f"{'artifact':<12} {'nodes':>7} {'MiB':>8}"]
+    lines: List[str] = ["", f"model: {model_label(report['model'])}"] if "model" in report else []
+    lines += ["", f"{'artifact':<12} {'nodes':>7} {'MiB':>8}"]
     for name, a in report["artifacts"].items():
         lines.append(f"{name:<12} {a.get('nodes', '-'):>7} {a['bytes'] / 2**20:>8.2f}")
     ra = report.get("fp16_range_analysis")
     if ra:
         lines += ["", _range_analysis_lines(ra)]
+    cap = report.get("capacity")
+    if cap and cap.get("sets"):
+        lines += ["", f"capacity P = {cap['capacity']} of N = {cap['tokens']} ({cap['mode']}; largest partition "
+                      f"{cap['largest_partition']}), overflow tokens: " + ", ".join(
+                          f"{k} {v['overflow_at_capacity']} ({fmt_fraction(v['overflow_fraction'])} of the slots)"
+                          for k, v in cap["sets"].items())]
     val = report.get("validation")
     gates = report.get("gates") or {}
     if val:
@@ -848,6 +1084,8 @@ def _gates_line(gates: Dict, artifacts: Dict, labelled: bool = False) -> str:
             th.append(f"accuracy drop<={drop * 100:g} pt")
         rnd = any(gates["thresholds"][f"{art}.{m}"]["source"].startswith("random") for m in ("cosine", "top1"))
         parts.append(f"{art} finite{''.join(' ' + x for x in th)}{' (random weights)' if rnd else ''}")
+    if any(r["gate"] == "capacity.overflow" for r in gates.get("results", [])):
+        parts.append(f"capacity overflow<={fmt_threshold(gates['thresholds']['capacity.overflow']['threshold'], True)}")
     n_fail = len(gates["failed"])
     state = "all passed" if not n_fail else f"{n_fail} FAILED" + ("" if gates["enforced"] else " (--no-gates: published)")
     return f"gates ({state}): " + "; ".join(parts)

@@ -36,6 +36,18 @@ Defaults (measured with cvig-export's 4 photographs + 4 random inputs):
   e.g. FP32 ONNX vs PyTorch on the 360 held-out digits: one flipped
   k-means label, worst cosine 0.9977, identical top-1 and accuracy
   (99.72 %); the accuracy is what such a flip must not change.
+- ``capacity.overflow`` (padded k-NN layout with ``--capacity P`` below N):
+  the share of (image, token, block) triples whose token overflows its
+  partition, on each input set that sized the capacity (the validation
+  ``photos`` and ``random`` sets, and the ``--calib-dir`` images), at most
+  0.05. An overflow token keeps only itself as neighbour in that block
+  (docs/design.md section 3). Trained digits (N = 64, kappa 4), the 360
+  held-out scans: P = 24 overflows 1.2 % of the triples there and 3.7 % /
+  1.9 % on photos / random, accuracy unchanged (99.72 %); P = 20 overflows
+  3.9 % there and 7.8 % / 5.9 % on photos / random, accuracy 99.17 %
+  (-0.55 points); P = 16: 11.8 %, 98.33 %. ``--capacity auto`` passes by
+  construction (no overflow on those sets); ``--capacity 10`` on cvig_nano
+  overflows 80 %.
 - Random weights (no ``--checkpoint``): the ``fp16`` and ``int8`` defaults
   check finiteness only (random cvig_ti: FP16 cosine 0.88, top-1 25 %); a
   threshold given with ``--gate`` still applies.
@@ -43,7 +55,8 @@ Defaults (measured with cvig-export's 4 photographs + 4 random inputs):
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Optional
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Dict, Iterable, List, Optional, Tuple
 
 # artifact -> the report comparisons its gates judge ("<artifact> vs <reference>")
 COMPARISONS = {
@@ -59,6 +72,7 @@ DEFAULT_GATES: Dict[str, Optional[float]] = {
     "fp16.cosine": 0.9, "fp16.top1": None, "fp16.accuracy_drop": 0.01,
     "int8.cosine": None, "int8.top1": None, "int8.accuracy_drop": None,
     "plugins.cosine": 0.9999, "plugins.top1": 1.0, "plugins.accuracy_drop": 0.005,
+    "capacity.overflow": 0.05,
 }
 # the reference whose top-1 accuracy an artifact's is compared with (the stage it was made from)
 ACCURACY_REFERENCE = {"fp32": "pytorch", "fp16": "fp32", "fp16-emulated": "fp32", "int8": "fp32", "plugins": "fp32"}
@@ -143,8 +157,7 @@ def check_gates(validation: Dict, gates: Dict[str, Dict]) -> List[Dict]:
                     entry = {"gate": gate, "comparison": cmp_name, "inputs": set_name, "value": v, "threshold": t,
                              "passed": ok}
                     if not ok:
-                        shown = fmt_fraction(v) if metric == "top1" else fmt_cosine(v)
-                        want = fmt_fraction(t) if metric == "top1" else f"{t:g}"
+                        shown, want = fmt_gate(v, t, percent=metric == "top1")
                         entry["reason"] = f"{gate}: {cmp_name} on {set_name}: {label} {shown} < {want}"
                     res.append(entry)
     for set_name, acc in labelled.items():
@@ -169,11 +182,63 @@ def accuracy_gates(set_name: str, acc: Dict, gates: Dict[str, Dict]) -> List[Dic
         entry = {"gate": gate, "comparison": f"{name} vs {ref}", "inputs": set_name, "value": drop, "threshold": t,
                  "passed": ok}
         if not ok:
+            shown, allowed = (x.rstrip("%") for x in fmt_gate(drop, t, percent=True))  # in points
             entry["reason"] = (f"{gate}: {name} vs {ref} on {set_name} ({acc['images']} labelled images): top-1 "
-                               f"accuracy {fmt_fraction(top1[name])} is {drop * 100:.2f} points below {ref}'s "
-                               f"{fmt_fraction(top1[ref])} (allowed {t * 100:g})")
+                               f"accuracy {fmt_fraction(top1[name])} is {shown} points below {ref}'s "
+                               f"{fmt_fraction(top1[ref])} (allowed {allowed})")
         res.append(entry)
     return res
+
+
+def capacity_gates(capacity: Optional[Dict], gates: Dict[str, Dict]) -> List[Dict]:
+    """``capacity.overflow`` per input set of report.json's ``capacity`` (padded layout, P below N): the
+    share of (image, token, block) triples that overflow may be at most the threshold."""
+    t = gates["capacity.overflow"]["threshold"]
+    if t is None or not capacity or not capacity.get("sets"):
+        return []
+    res: List[Dict] = []
+    for set_name, s in capacity["sets"].items():
+        v = float(s["overflow_fraction"])
+        ok = v <= t
+        entry = {"gate": "capacity.overflow", "comparison": f"capacity {capacity['capacity']}", "inputs": set_name,
+                 "value": v, "threshold": t, "passed": ok}
+        if not ok:
+            shown, want = fmt_gate(v, t, percent=True)
+            entry["reason"] = (f"capacity.overflow: --capacity {capacity['capacity']} on {set_name}: "
+                               f"{s['overflow_at_capacity']} of {s['slots']} token-block slots overflow their "
+                               f"partition, {shown} > {want}")
+        res.append(entry)
+    return res
+
+
+def fmt_threshold(threshold: float, percent: bool = False) -> str:
+    """A threshold exactly as given: the shortest decimal of the float (0.99999999, 0.5; 5% for 0.05)."""
+    t = Decimal(repr(float(threshold))) * (100 if percent else 1)
+    return (format(t.normalize(), "f") if t != 0 else "0") + ("%" if percent else "")
+
+
+def fmt_gate(value: float, threshold: float, percent: bool = False, decimals: int = 6) -> Tuple[str, str]:
+    """A failed gate's measured value and threshold, printed so that the printed numbers compare as the real
+    ones do: the threshold exactly as given (0.99999999, 0.5), the value with as many decimals as that takes
+    (at least ``decimals``; 2 for percentages), so a cosine of 0.99999996 against 0.99999999 reads
+    ``0.99999996 < 0.99999999``, never ``1.000000 < 1``. A value that is not exactly 0 or 100 % never
+    prints as such. ``percent``: both as percentages of a fraction."""
+    unit = "%" if percent else ""
+    want = fmt_threshold(threshold, percent).rstrip("%")
+    if math.isnan(value):
+        return "nan", want + unit
+    scale = Decimal(100) if percent else Decimal(1)
+    t = Decimal(repr(float(threshold))) * scale
+    v = Decimal(repr(float(value))) * scale
+    shown = format(v, "f")
+    for d in range(2 if percent else decimals, 40):
+        s = format(v.quantize(Decimal(1).scaleb(-d), rounding=ROUND_HALF_EVEN), "f")
+        r = Decimal(s)
+        edge = percent and (r == 0 and v != 0 or r == 100 and v != 100)
+        if (r < t) == (v < t) and (r > t) == (v > t) and not edge:
+            shown = s
+            break
+    return shown + unit, want + unit
 
 
 def fmt_fraction(x: float, decimals: int = 2, max_decimals: int = 8) -> str:
