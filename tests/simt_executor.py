@@ -14,18 +14,17 @@ rewrite does not know (a triple-chevron it cannot parse) fails the build instead
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import hashlib
 import os
 import re
 import shutil
 import subprocess
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
 from clustervig.plugins import kernels as K
+from clustervig.plugins.hostbuild import build_once
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = ROOT / "plugins"
@@ -104,36 +103,30 @@ def build(name: str, cu_files: Iterable[str], defines: Sequence[str] = (), dest:
     cu_files = list(cu_files)
     extra = [f for f in cu_files if f not in CU_SOURCES]
     dest = Path(dest or os.environ.get("CVIG_SIMT_CACHE") or ROOT / "build" / "kernels-simt")
-    dest.mkdir(parents=True, exist_ok=True)
     lib = dest / f"lib{name}-{digest(extra, defines)}.so"
-    with open(dest / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if lib.is_file():
-            return lib
+
+    def make(tree: Path, out: Path) -> None:
         cxx = _compiler()
         hooks = CLANG_HOOKS if _is_clang(cxx) else GCC_HOOKS
-        with tempfile.TemporaryDirectory(dir=dest) as tmp:
-            tree = Path(tmp)
-            # the kernels keep their relative includes ("../common/cvig_cuda.cuh"): copy the tree they see
-            for d in ("common", "kmeans", "knn", "segment", "tests/simt"):
-                shutil.copytree(PLUGINS / d, tree / d, dirs_exist_ok=True)
-            jobs = []
-            for i, cu in enumerate(cu_files):
-                src = tree / cu
-                # beside the original, so its relative includes resolve; #line keeps reports naming the real file
-                out = src.parent / (src.stem + "_simt.cpp")
-                out.write_text(f'#line 1 "{PLUGINS / cu}"\n' + rewrite_cu(src.read_text(), cu))
-                jobs.append([cxx, *COMMON, *DEVICE, *hooks, *defines, f"-I{tree / 'tests' / 'simt'}", "-c", str(out),
-                             "-o", str(tree / f"k{i}.o")])
-            jobs.append([cxx, *COMMON, "-O2", *defines, f"-I{tree / 'tests' / 'simt'}", "-c",
-                         str(tree / "tests" / "simt" / "simt_runtime.cpp"), "-o", str(tree / "runtime.o")])
-            with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-                list(pool.map(_run, jobs))
-            objs = [str(tree / f"k{i}.o") for i in range(len(cu_files))] + [str(tree / "runtime.o")]
-            tmp_lib = tree / lib.name
-            _run([cxx, "-shared", "-pthread", "-Wl,-z,defs", "-o", str(tmp_lib), *objs, "-ldl"])
-            os.replace(tmp_lib, lib)
-    return lib
+        # the kernels keep their relative includes ("../common/cvig_cuda.cuh"): copy the tree they see
+        for d in ("common", "kmeans", "knn", "segment", "tests/simt"):
+            shutil.copytree(PLUGINS / d, tree / d, dirs_exist_ok=True)
+        jobs = []
+        for i, cu in enumerate(cu_files):
+            src = tree / cu
+            # beside the original, so its relative includes resolve; #line keeps reports naming the real file
+            rewritten = src.parent / (src.stem + "_simt.cpp")
+            rewritten.write_text(f'#line 1 "{PLUGINS / cu}"\n' + rewrite_cu(src.read_text(), cu))
+            jobs.append([cxx, *COMMON, *DEVICE, *hooks, *defines, f"-I{tree / 'tests' / 'simt'}", "-c", str(rewritten),
+                         "-o", str(tree / f"k{i}.o")])
+        jobs.append([cxx, *COMMON, "-O2", *defines, f"-I{tree / 'tests' / 'simt'}", "-c",
+                     str(tree / "tests" / "simt" / "simt_runtime.cpp"), "-o", str(tree / "runtime.o")])
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            list(pool.map(_run, jobs))
+        objs = [str(tree / f"k{i}.o") for i in range(len(cu_files))] + [str(tree / "runtime.o")]
+        _run([cxx, "-shared", "-pthread", "-Wl,-z,defs", "-o", str(out), *objs, "-ldl"])
+
+    return build_once(lib, make)
 
 
 def build_kernels(defines: Sequence[str] = ()) -> Path:

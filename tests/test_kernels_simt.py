@@ -27,7 +27,7 @@ import pytest
 
 import test_kernels_host as H
 from clustervig.plugins import kernels as K
-from clustervig.plugins.reference import kmeans_ref, partitioned_knn_ref
+from clustervig.plugins.reference import partitioned_knn_ref
 from simt_executor import SCHEDULES, Executor, SimtDefect, TwinLibrary, build_kernels, build_planted, resolve_report
 
 # (schedule, SM count): 132 SMs make every test batch launch k-means with 1024-thread blocks, 1 SM with 256

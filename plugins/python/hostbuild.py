@@ -8,12 +8,14 @@ installed package, the package folder ``clustervig/plugins/`` itself, which carr
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 HOST_SOURCES = ("kmeans/kmeans_host.cpp", "knn/knn_host.cpp", "segment/segment_host.cpp")
 # the flags of the cvig_kernels_host CMake target (plugins/CMakeLists.txt); -ffp-contract=off keeps
@@ -74,3 +76,18 @@ def copy_sources(plugins: Path, dest: Path) -> None:
         else:
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
+
+
+def build_once(lib: Path, make: Callable[[Path, Path], None]) -> Path:
+    """``lib`` unless it exists, else ``make(work_dir, output)`` writes it in a temporary folder beside it and it is
+    moved in: concurrent builds wait on a lock file in the same folder, and no partial file is ever visible."""
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    with open(lib.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if lib.is_file():
+            return lib
+        with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+            out = Path(tmp) / lib.name
+            make(Path(tmp), out)
+            os.replace(out, lib)
+    return lib

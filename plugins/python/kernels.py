@@ -20,11 +20,9 @@ the CUDA library (the PyTorch custom ops of ``clustervig.plugins.torch_ops``).
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import json
 import os
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Optional, Tuple
@@ -98,23 +96,17 @@ def build_host_library(dest: Optional[Path] = None, quiet: bool = False) -> Path
             f"the kernel sources are not at {PLUGINS} (the package is incomplete: reinstall clustervig-trt, "
             f"or set {ENV_HOST} to a libcvig_kernels_host.so built with CMake)"
         )
-    dest = Path(dest) if dest is not None else _cache_dir()
-    dest.mkdir(parents=True, exist_ok=True)
-    lib = dest / f"libcvig_kernels_host-{source_digest()}.so"
-    with open(dest / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if lib.is_file():
-            return lib
+    lib = (Path(dest) if dest is not None else _cache_dir()) / f"libcvig_kernels_host-{source_digest()}.so"
+
+    def make(_work: Path, out: Path) -> None:
         if not quiet:
             print(f"[cvig] building {lib.name} from {PLUGINS} (one time, a few seconds)", file=sys.stderr, flush=True)
-        with tempfile.TemporaryDirectory(dir=dest) as tmp:
-            out = Path(tmp) / lib.name
-            try:
-                hostbuild.compile_host_library(PLUGINS, out, _compiler())
-            except RuntimeError as exc:
-                raise KernelLibraryError(str(exc)) from None
-            os.replace(out, lib)
-    return lib
+        try:
+            hostbuild.compile_host_library(PLUGINS, out, _compiler())
+        except RuntimeError as exc:
+            raise KernelLibraryError(str(exc)) from None
+
+    return hostbuild.build_once(lib, make)
 
 
 def packaged_host_library() -> Optional[Path]:
