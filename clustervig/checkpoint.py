@@ -10,7 +10,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .model import ClusterViG
+from .model import ClusterViG, SimpleFeaturePyramid, as_hw, grid_for, resample_pos_embed
 from .utils import atomic_path
 
 PathLike = Union[str, Path]
@@ -105,12 +105,49 @@ def _fmt(keys, limit: int = _MAX_LISTED) -> str:
     return ", ".join(keys[:limit]) + more
 
 
+_HEAD = ("prediction.", "head.", "dist_head.")
+
+
+def _adapt_to_backbone(model: ClusterViG, sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """A classifier's (or a deeper backbone's) weights for a ``features_only`` model: its head and the blocks
+    after the last one the backbone returns are not part of it, and are left out."""
+    kept = len(model.blocks)
+    out = {}
+    for k, v in sd.items():
+        if k.startswith(_HEAD):
+            continue
+        if k.startswith("blocks.") and k.split(".")[1].isdigit() and int(k.split(".")[1]) >= kept:
+            continue
+        out[k] = v
+    return out
+
+
+def _resample_position(model: ClusterViG, sd: Dict[str, Tensor]) -> None:
+    """A position embedding of another token grid (a checkpoint trained at another image size) is resampled to
+    the model's grid, bicubically (:func:`~clustervig.model.resample_pos_embed`); noted in ``model.load_notes``."""
+    pe = sd.get("pos_embed")
+    own = model.pos_embed
+    if pe is None or pe.ndim != 4 or pe.shape[:2] != own.shape[:2] or pe.shape[2:] == own.shape[2:]:
+        return
+    sd["pos_embed"] = resample_pos_embed(pe, tuple(own.shape[2:]))
+    model.load_notes["pos_embed_resampled"] = {"from_grid": list(pe.shape[2:]), "to_grid": list(own.shape[2:]),
+                                               "method": "bicubic, antialias (timm's resample_abs_pos_embed)"}
+
+
 def load_state_dict(model: ClusterViG, sd: Mapping[str, Tensor], source: str = "checkpoint") -> None:
-    """Load ``sd`` into ``model`` strictly, adapting only the distillation head.
+    """Load ``sd`` into ``model`` strictly, adapting only the distillation head, the position embedding's
+    grid and, for a backbone, what a backbone does not have.
 
     A checkpoint without ``dist_head.*`` drops the model's distillation head
     (logits = class head); one with it adds the head to a model built
     without it (logits = mean of both heads, as the model was trained).
+    A checkpoint trained at another image size has a position embedding of
+    another token grid: it is resampled to the model's grid (bicubic, as
+    timm's ViTs), recorded in ``model.load_notes["pos_embed_resampled"]``.
+    A backbone (``features_only``) takes a classifier's checkpoint without
+    its head; its feature pyramid, which no ClusterViG checkpoint trains,
+    keeps its initialisation when the checkpoint has none (listed in
+    ``model.load_notes["untrained"]``).
     """
     sd = dict(sd)
     if any(k.startswith("backbone.") for k in sd) and not any(k.startswith("blocks.") for k in sd):
@@ -118,16 +155,25 @@ def load_state_dict(model: ClusterViG, sd: Mapping[str, Tensor], source: str = "
             f"{source} has the layout of the authors' ClusterViG code (github dhruvashp/ClusterViG: "
             "backbone.* keys), which computes DEGC differently: convert it first with "
             "`cvig convert --from authors SRC -o DST` and use DST (it records its model)")
-    has_dist = any(k.startswith("dist_head.") for k in sd)
-    if model.dist_head is not None and not has_dist:
-        model.remove_distillation_head()
-    elif model.dist_head is None and has_dist:
-        w = sd["dist_head.weight"]
-        model.dist_head = nn.Conv2d(w.shape[1], w.shape[0], 1, bias="dist_head.bias" in sd)
-        model.cfg = replace(model.cfg, distillation=True)
+    model.load_notes = {}
+    if model.cfg.features_only:
+        sd = _adapt_to_backbone(model, sd)
+    else:
+        has_dist = any(k.startswith("dist_head.") for k in sd)
+        if model.dist_head is not None and not has_dist:
+            model.remove_distillation_head()
+        elif model.dist_head is None and has_dist:
+            w = sd["dist_head.weight"]
+            model.dist_head = nn.Conv2d(w.shape[1], w.shape[0], 1, bias="dist_head.bias" in sd)
+            model.cfg = replace(model.cfg, distillation=True)
+    _resample_position(model, sd)
     own = model.state_dict()
     # BN's num_batches_tracked is bookkeeping, absent from some exports
     optional = {k for k in own if k.endswith("num_batches_tracked")}
+    untrained = [k for k in SimpleFeaturePyramid.UNTRAINED if k in own and k not in sd]
+    if untrained:  # the pyramid's layers: no classifier checkpoint has them; they keep their initialisation
+        optional |= set(untrained)
+        model.load_notes["untrained"] = untrained
     missing = set(own) - set(sd) - optional
     unexpected = set(sd) - set(own)
     wrong = {k for k in set(own) & set(sd) if own[k].shape != sd[k].shape}
@@ -155,8 +201,8 @@ def _hint(model: ClusterViG, sd: Mapping[str, Tensor]) -> Optional[str]:
         return (f"the checkpoint has {w.shape[0]} classes: --num-classes {w.shape[0]} on the command line, "
                 f"num_classes={w.shape[0]} in Python")
     pe = sd.get("pos_embed")
-    if pe is not None and pe.ndim == 4 and (pe.shape[1] != model.cfg.dim or pe.shape[2] != model.cfg.grid):
-        return f"the checkpoint has dim={pe.shape[1]}, grid={pe.shape[2]}: choose the matching variant"
+    if pe is not None and pe.ndim == 4 and pe.shape[1] != model.cfg.dim:
+        return f"the checkpoint has dim={pe.shape[1]} (token grid {pe.shape[2]}x{pe.shape[3]}): choose the matching variant"
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     if depth and depth != model.cfg.depth:
         return f"the checkpoint has {depth} blocks, the model {model.cfg.depth}: choose the matching variant"
@@ -210,6 +256,13 @@ def _from_record(path: Path, obj: Mapping[str, Any], form: str = "static", **ove
         )
     cfg = dict(cfg)
     name = cfg.pop("name")
+    if "img_size" in overrides and "grid" not in overrides and "img_size" in cfg and "grid" in cfg:
+        # another input size at the recorded model's stride (which may not be its variant's: cvig convert --config)
+        stride = as_hw(cfg["img_size"])[0] // as_hw(cfg["grid"])[0]
+        try:
+            cfg["grid"] = grid_for(overrides["img_size"], stride, f"the model of checkpoint {path}")
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
     cfg.update(form=form, **overrides)
     for key in ("mean", "std"):
         if key in cfg:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .gcn import GATv2, make_local_update, GCN_ALIASES
@@ -31,6 +32,42 @@ KNN_MODES = ("masked", "padded")
 # without L2 normalisation, GATv2 on the k-means centroids. Needed for checkpoints trained with it.
 NUMERICS = ("paper", "authors")
 
+Size = Union[int, Tuple[int, int]]
+
+
+def as_hw(size) -> Tuple[int, int]:
+    """``224`` -> ``(224, 224)``; ``(800, 1344)`` or ``[800, 1344]`` -> ``(800, 1344)``."""
+    if isinstance(size, (tuple, list)):
+        if len(size) != 2:
+            raise ValueError(f"a size is one integer or two (H, W), got {list(size)}")
+        return int(size[0]), int(size[1])
+    return int(size), int(size)
+
+
+def _compact(size):
+    """The stored form of a size: one int when square (as every variant records it), else an (H, W) tuple."""
+    h, w = as_hw(size)
+    return h if h == w else (h, w)
+
+
+def fmt_hw(size) -> str:
+    h, w = as_hw(size)
+    return f"{h}x{w}"
+
+
+def grid_for(img_size, stride: int, what: str = "the model") -> Size:
+    """The token grid of an image of ``img_size`` at the stem's ``stride``; a ValueError naming the fix when the
+    stride does not divide H and W. (H, W) images give an (H/s, W/s) grid, square ones one int."""
+    h, w = as_hw(img_size)
+    if h < 1 or w < 1 or h % stride or w % stride:
+        def near(v: int) -> int:
+            return max(stride, (2 * v + stride) // (2 * stride) * stride)
+        raise ValueError(
+            f"img_size {fmt_hw(img_size)} is not a multiple of {what}'s stride {stride} (its stem halves the image "
+            f"{int(math.log2(stride))} times): give H and W divisible by {stride}, the nearest being "
+            f"{fmt_hw((near(h), near(w)))}")
+    return _compact((h // stride, w // stride))
+
 
 @dataclass(frozen=True)
 class ClusterViGConfig:
@@ -39,11 +76,11 @@ class ClusterViGConfig:
     name: str
     dim: int
     depth: int
-    grid: int = 14
+    grid: Size = 14  # token grid: one int (square) or (H/s, W/s)
     clusters: int = 4
     groups: int = 4
     num_classes: int = 1000
-    img_size: int = 224
+    img_size: Size = 224  # input: one int (square) or (H, W); the stem's stride s = img_size / grid
     k_min: int = 9
     k_max: int = 18
     kmeans_iters: int = 20
@@ -63,10 +100,65 @@ class ClusterViGConfig:
     interpolation: str = "bicubic"
     numerics: str = "paper"
     class_names: Optional[Tuple[str, ...]] = field(default=None, compare=False)
+    # backbone (timm's features_only convention): forward returns the maps after the blocks in out_indices
+    # (default: the last), [B, C, H/s, W/s] each, instead of logits; feature_pyramid turns the one map of
+    # out_indices into strides s/2, s, 2s, 4s (SimpleFeaturePyramid). The head is not built.
+    features_only: bool = False
+    out_indices: Optional[Tuple[int, ...]] = None
+    feature_pyramid: bool = False
+
+    def __post_init__(self) -> None:
+        # JSON records give lists; a square (H, W) is stored as the one int every variant records
+        for key in ("img_size", "grid"):
+            v = getattr(self, key)
+            if isinstance(v, (tuple, list)) and len(v) == 2:
+                object.__setattr__(self, key, _compact(v))
+        if isinstance(self.out_indices, int) and not isinstance(self.out_indices, bool):
+            object.__setattr__(self, "out_indices", (self.out_indices,))
+        elif self.out_indices is not None:
+            object.__setattr__(self, "out_indices", tuple(int(i) for i in self.out_indices))
+
+    @property
+    def img_hw(self) -> Tuple[int, int]:
+        """Input (H, W)."""
+        return as_hw(self.img_size)
+
+    @property
+    def grid_hw(self) -> Tuple[int, int]:
+        """Token grid (H/s, W/s); tokens are ordered row by row."""
+        return as_hw(self.grid)
+
+    @property
+    def stride(self) -> int:
+        """Pixels per token side: the stem halves the image log2(stride) times."""
+        return self.img_hw[0] // self.grid_hw[0]
 
     @property
     def tokens(self) -> int:
-        return self.grid * self.grid
+        gh, gw = self.grid_hw
+        return gh * gw
+
+    @property
+    def feature_blocks(self) -> Tuple[int, ...]:
+        """Blocks whose outputs a backbone returns (``out_indices``, negative ones counted from the end)."""
+        idx = self.out_indices if self.out_indices is not None else (-1,)
+        return tuple(i + self.depth if i < 0 else i for i in idx)
+
+    def feature_outputs(self) -> Optional[List[Dict]]:
+        """A backbone's outputs in order: ``name``, ``channels``, ``stride`` (pixels per output cell) and
+        ``shape`` ``[C, h, w]`` of one image; None for a classifier. The exported graph's output names."""
+        if not self.features_only:
+            return None
+        gh, gw = self.grid_hw
+        if not self.feature_pyramid:
+            return [{"name": f"block{i}", "channels": self.dim, "stride": self.stride, "shape": [self.dim, gh, gw]}
+                    for i in self.feature_blocks]
+        out = []
+        for scale, ch, (h, w) in zip((2, 1, 0.5, 0.25), (self.dim // 2, self.dim, self.dim, self.dim),
+                                     SimpleFeaturePyramid.sizes(gh, gw)):
+            stride = int(self.stride / scale)
+            out.append({"name": f"p{int(math.log2(stride))}", "channels": ch, "stride": stride, "shape": [ch, h, w]})
+        return out
 
     @property
     def neighbors(self) -> List[int]:
@@ -87,23 +179,53 @@ class ClusterViGConfig:
         return d
 
     def validate(self) -> None:
-        ratio = math.log2(self.img_size / self.grid)
-        if not ratio.is_integer() or ratio < 1:
-            raise ValueError(f"img_size {self.img_size} / grid {self.grid} must be a power of two >= 2")
+        (h, w), (gh, gw) = self.img_hw, self.grid_hw
+        if min(h, w, gh, gw) < 1 or h % gh or w % gw or not math.log2(h // gh).is_integer() or h // gh < 2:
+            raise ValueError(f"img_size {fmt_hw(self.img_size)} / grid {fmt_hw(self.grid)} must be a power of two >= 2 "
+                             "(the stem's stride): give img_size alone, its grid follows from the variant's stride")
+        if h // gh != w // gw:
+            raise ValueError(f"img_size {fmt_hw(self.img_size)} and grid {fmt_hw(self.grid)} give no single stride "
+                             f"({h // gh} and {w // gw}): give img_size alone, its grid follows from the variant's stride")
         if self.form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
         if self.knn not in KNN_MODES + ("auto",):
             raise ValueError(f"knn must be 'masked', 'padded' or 'auto', got {self.knn!r}")
         if self.gcn.lower() not in GCN_ALIASES:
             raise ValueError(f"unknown gcn {self.gcn!r}; choose one of mr, edge, sage, gin")
-        if not 1 <= self.clusters <= self.tokens:
-            raise ValueError(f"clusters must be in 1..{self.tokens}, got {self.clusters}")
+        if self.clusters < 1:
+            raise ValueError(f"clusters must be >= 1, got {self.clusters}")
+        if self.clusters > self.tokens:
+            raise ValueError(
+                f"img_size {fmt_hw(self.img_size)} gives a {gh}x{gw} token grid at stride {self.stride}: {self.tokens} "
+                f"tokens, fewer than the {self.clusters} clusters (k-means partitions) of {self.name}; give a larger "
+                f"image (at least {self.clusters} tokens, e.g. {fmt_hw(self.stride * math.ceil(math.sqrt(self.clusters)))}) "
+                "or fewer clusters")
         if self.capacity is not None and self.capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {self.capacity}")
         if self.numerics not in NUMERICS:
             raise ValueError(f"numerics must be one of {NUMERICS}, got {self.numerics!r}")
         if self.kmeans_iters < 0:
             raise ValueError("kmeans_iters must be >= 0")
+        if not self.features_only:
+            if self.out_indices is not None or self.feature_pyramid:
+                raise ValueError("out_indices and feature_pyramid describe a backbone's outputs: add features_only=True")
+            return
+        idx = self.out_indices if self.out_indices is not None else (-1,)
+        bad = [i for i in idx if not -self.depth <= i < self.depth]
+        if not idx or bad:
+            raise ValueError(f"out_indices {list(idx)}: {self.name} has blocks 0..{self.depth - 1} (or -1..-{self.depth} "
+                             f"from the end); {'none given' if not idx else f'{bad} out of range'}")
+        blocks = self.feature_blocks
+        if list(blocks) != sorted(set(blocks)):
+            raise ValueError(f"out_indices {list(idx)} must name distinct blocks in increasing order, e.g. "
+                             f"{sorted(set(blocks))}")
+        if self.feature_pyramid:
+            if len(blocks) != 1:
+                raise ValueError(f"feature_pyramid turns one block's map into four scales, got out_indices {list(idx)}: "
+                                 "give one block (default: the last)")
+            if min(gh, gw) < 2:
+                raise ValueError(f"feature_pyramid needs a token grid of at least 2x2 (its stride-{2 * self.stride} "
+                                 f"level halves it), got {gh}x{gw}: give a larger img_size")
 
 
 class ConvBN(nn.Sequential):
@@ -118,11 +240,11 @@ class ConvBN(nn.Sequential):
 
 
 class Stem(nn.Module):
-    """log2(img/grid) stride-2 and the rest stride-1 3x3 Conv+BN+GELU, then Conv+BN."""
+    """log2(stride) stride-2 and the rest stride-1 3x3 Conv+BN+GELU, then Conv+BN."""
 
-    def __init__(self, dim: int, img_size: int, grid: int, layers: int = 5) -> None:
+    def __init__(self, dim: int, stride: int, layers: int = 5) -> None:
         super().__init__()
-        halvings = int(math.log2(img_size / grid))
+        halvings = int(math.log2(stride))
         growth = max(halvings + 1, layers) - 1  # conv layers before the last one
         convs: List[nn.Module] = []
         cin = 3
@@ -135,6 +257,51 @@ class Stem(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.convs(x)
+
+
+def resample_pos_embed(pos_embed: Tensor, grid) -> Tensor:
+    """A learned position embedding ``[1, C, h, w]`` resampled to the token grid ``grid`` (int or (H, W)).
+
+    Bicubic with antialiasing (``F.interpolate(..., mode="bicubic", antialias=True)``, the resampling of
+    timm's ``resample_abs_pos_embed``; it equals PIL's BICUBIC resize of each channel), computed once when
+    a checkpoint trained at another size is loaded, so the exported graph holds a constant of the new
+    grid. At the same grid the embedding is returned unchanged.
+    """
+    size = as_hw(grid)
+    if tuple(pos_embed.shape[-2:]) == size:
+        return pos_embed
+    out = F.interpolate(pos_embed.detach().float(), size=size, mode="bicubic", align_corners=False, antialias=True)
+    return out.to(pos_embed.dtype)
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """One stride-s map of an isotropic backbone -> four maps at strides s/2, s, 2s, 4s (ViTDet's simple
+    feature pyramid, without its output convolutions: an FPN-style neck attaches to these).
+
+    s/2: a 2x2 transposed convolution with stride 2 to C/2 channels; s: the map itself; 2s: 2x2 max pooling
+    with stride 2; 4s: the 2s map subsampled by a max pooling of kernel 1 and stride 2 (detectron2's
+    ``LastLevelMaxPool``: ceil(h/2) rows). The transposed convolution is the only layer with weights and is
+    NOT trained by any ClusterViG checkpoint: it keeps its initialisation (PyTorch's default for
+    ``ConvTranspose2d``, seeded like the rest of the model) until a detector trains it.
+    """
+
+    UNTRAINED = ("pyramid.up.weight", "pyramid.up.bias")
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(dim, dim // 2, kernel_size=2, stride=2)
+        self.down = nn.MaxPool2d(kernel_size=2, stride=2)
+        self.subsample = nn.MaxPool2d(kernel_size=1, stride=2)
+
+    @staticmethod
+    def sizes(h: int, w: int) -> List[Tuple[int, int]]:
+        """Output (h, w) per level for an input map of h x w."""
+        h2, w2 = h // 2, w // 2
+        return [(2 * h, 2 * w), (h, w), (h2, w2), ((h2 + 1) // 2, (w2 + 1) // 2)]
+
+    def forward(self, x: Tensor) -> List[Tensor]:
+        down = self.down(x)
+        return [self.up(x), x, down, self.subsample(down)]
 
 
 class DropPath(nn.Module):
@@ -299,34 +466,54 @@ class Block(nn.Module):
 
 
 class ClusterViG(nn.Module):
-    """Isotropic ClusterViG classifier.
+    """Isotropic ClusterViG: a classifier, or with ``features_only`` a backbone.
 
-    ``forward`` returns logits ``[B, classes]``; with a distillation head the
+    Classifier: ``forward`` returns logits ``[B, classes]``; with a distillation head the
     inference logits are the mean of both heads and training returns the
-    pair ``(cls, dist)``. :meth:`forward_features` gives the backbone map
-    ``[B, C, grid, grid]``.
+    pair ``(cls, dist)``. :meth:`forward_features` gives the last block's map
+    ``[B, C, H/s, W/s]``.
+
+    Backbone (``features_only=True``, timm's convention): ``forward`` returns a list of maps, one per
+    block of ``out_indices`` (``[B, C, H/s, W/s]``), or the four levels of :class:`SimpleFeaturePyramid`
+    (``feature_pyramid=True``); :attr:`feature_info` names them. No head is built, and blocks after the
+    last one returned are not built either.
+
+    Inputs are ``[B, 3, H, W]`` with ``(H, W) = cfg.img_hw``, any size the stem's stride divides. A
+    checkpoint trained at another size loads with its position embedding resampled to this grid
+    (:func:`resample_pos_embed`).
     """
 
     def __init__(self, cfg: ClusterViGConfig) -> None:
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.stem = Stem(cfg.dim, cfg.img_size, cfg.grid, cfg.stem_layers)
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.dim, cfg.grid, cfg.grid))
+        self.stem = Stem(cfg.dim, cfg.stride, cfg.stem_layers)
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.dim, *cfg.grid_hw))
         dpr = torch.linspace(0, cfg.drop_path, cfg.depth, device="cpu").tolist()
-        self.blocks = nn.Sequential(*[Block(cfg, k, p) for k, p in zip(cfg.neighbors, dpr)])
-        self.prediction = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1),
-            nn.Conv2d(cfg.dim, cfg.head_dim, 1, bias=True),
-            nn.BatchNorm2d(cfg.head_dim),
-            nn.GELU(),
-            nn.Dropout(cfg.dropout_head),
-        )
-        self.head = nn.Conv2d(cfg.head_dim, cfg.num_classes, 1, bias=True)
-        self.dist_head: Optional[nn.Conv2d] = (
-            nn.Conv2d(cfg.head_dim, cfg.num_classes, 1, bias=True) if cfg.distillation else None
-        )
+        blocks = [Block(cfg, k, p) for k, p in zip(cfg.neighbors, dpr)]  # K and drop rates of the full depth
+        self.prediction: Optional[nn.Sequential] = None
+        self.head: Optional[nn.Conv2d] = None
+        self.dist_head: Optional[nn.Conv2d] = None
+        self.pyramid: Optional[SimpleFeaturePyramid] = None
+        if cfg.features_only:
+            blocks = blocks[: max(cfg.feature_blocks) + 1]
+            if cfg.feature_pyramid:
+                self.pyramid = SimpleFeaturePyramid(cfg.dim)
+        else:
+            self.prediction = nn.Sequential(
+                nn.AdaptiveAvgPool2d(1),
+                nn.Conv2d(cfg.dim, cfg.head_dim, 1, bias=True),
+                nn.BatchNorm2d(cfg.head_dim),
+                nn.GELU(),
+                nn.Dropout(cfg.dropout_head),
+            )
+            self.head = nn.Conv2d(cfg.head_dim, cfg.num_classes, 1, bias=True)
+            if cfg.distillation:
+                self.dist_head = nn.Conv2d(cfg.head_dim, cfg.num_classes, 1, bias=True)
+        self.blocks = nn.Sequential(*blocks)
         self.reset_parameters()
+        # what loading a checkpoint changed or could not fill (checkpoint.load_state_dict; the export report)
+        self.load_notes: Dict[str, object] = {}
 
     # -- construction helpers -------------------------------------------------
     def reset_parameters(self) -> None:
@@ -390,9 +577,31 @@ class ClusterViG(nn.Module):
     def degc_modules(self) -> List[DEGC]:
         return [blk.grapher.degc for blk in self.blocks]
 
+    @property
+    def feature_info(self) -> List[Dict]:
+        """A backbone's outputs in order, timm-style: ``num_chs``, ``reduction`` (stride), ``module`` and the
+        output ``name`` (also the exported graph's output name); empty for a classifier."""
+        outs = self.cfg.feature_outputs() or []
+        modules = ([f"blocks.{i}" for i in self.cfg.feature_blocks] if not self.cfg.feature_pyramid
+                   else ["pyramid.up", f"blocks.{self.cfg.feature_blocks[0]}", "pyramid.down", "pyramid.subsample"])
+        return [{"name": o["name"], "num_chs": o["channels"], "reduction": o["stride"], "module": m}
+                for o, m in zip(outs, modules)]
+
     # -- forward ----------------------------------------------------------------
     def forward_features(self, x: Tensor) -> Tensor:
+        """The map after the last built block, ``[B, C, H/s, W/s]``."""
         return self.blocks(self.stem(x) + self.pos_embed)
+
+    def forward_intermediates(self, x: Tensor, indices: Sequence[int]) -> List[Tensor]:
+        """The maps after the blocks ``indices`` (increasing), ``[B, C, H/s, W/s]`` each."""
+        want = set(indices)
+        x = self.stem(x) + self.pos_embed
+        outs: List[Tensor] = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i in want:
+                outs.append(x)
+        return outs
 
     def forward_head(self, feats: Tensor) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         h = self.prediction(feats)
@@ -404,11 +613,14 @@ class ClusterViG(nn.Module):
             return cls, dist
         return (cls + dist) / 2
 
-    def forward(self, x: Tensor) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-        expected = (3, self.cfg.img_size, self.cfg.img_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+    def forward(self, x: Tensor) -> Union[Tensor, Tuple[Tensor, Tensor], List[Tensor]]:
+        h, w = self.cfg.img_hw
+        if x.ndim != 4 or tuple(x.shape[1:]) != (3, h, w):
             raise ValueError(
-                f"{self.cfg.name} expects images [B, {expected[0]}, {expected[1]}, {expected[2]}], "
-                f"got {list(x.shape)}; resize/crop to {self.cfg.img_size}x{self.cfg.img_size} first"
+                f"{self.cfg.name} expects images [B, 3, {h}, {w}], got {list(x.shape)}; resize/crop to {h}x{w} "
+                "(H x W) first, or build the model for that size (img_size=(H, W))"
             )
+        if self.cfg.features_only:
+            feats = self.forward_intermediates(x, self.cfg.feature_blocks)
+            return self.pyramid(feats[-1]) if self.pyramid is not None else feats
         return self.forward_head(self.forward_features(x))

@@ -3,6 +3,10 @@
 resize the shorter side to ``img_size / crop_pct`` -> center crop ``img_size`` ->
 RGB float in [0, 1] -> (x - mean) / std. Shared by the export validation, the
 runtime and the calibration data loaders so every stage sees identical inputs.
+A non-square ``img_size`` [H, W] (a backbone built for a detection resolution)
+resizes, keeping the aspect ratio, to the smallest size that covers
+[H / crop_pct, W / crop_pct], then center-crops H x W; for H = W that is the
+rule above.
 """
 from __future__ import annotations
 
@@ -161,8 +165,9 @@ def load_image(path: Union[str, Path]):
 
 def transform_spec(cfg) -> Dict:
     """The preprocessing recorded with an export (from a ClusterViGConfig)."""
+    h, w = cfg.img_hw
     return {
-        "img_size": cfg.img_size,
+        "img_size": h if h == w else [h, w],  # one int for a square input, as before
         "crop_pct": cfg.crop_pct,
         "interpolation": cfg.interpolation,
         "mean": list(cfg.mean),
@@ -170,20 +175,29 @@ def transform_spec(cfg) -> Dict:
     }
 
 
+def spec_hw(spec: Dict) -> "tuple[int, int]":
+    """(H, W) of a recorded preprocessing: ``img_size`` is one int (square) or [H, W]."""
+    size = spec["img_size"]
+    if isinstance(size, (list, tuple)):
+        return int(size[0]), int(size[1])
+    return int(size), int(size)
+
+
 def preprocess_pil(img, spec: Dict) -> Tensor:
-    """PIL RGB image -> normalised float tensor [3, S, S]."""
+    """PIL RGB image -> normalised float tensor [3, H, W] (``img_size``: S for S x S, or [H, W])."""
     from PIL import Image
 
-    size = int(spec["img_size"])
-    scale = int(math.floor(size / float(spec.get("crop_pct", 1.0))))
+    out_h, out_w = spec_hw(spec)
+    crop = float(spec.get("crop_pct", 1.0))
+    th, tw = int(math.floor(out_h / crop)), int(math.floor(out_w / crop))
     w, h = img.size
-    if w <= h:
-        nw, nh = scale, max(1, int(round(h * scale / w)))
+    if tw * h >= th * w:  # the width needs the larger scale (square: the shorter side is the width)
+        nw, nh = tw, max(1, int(round(h * tw / w)))
     else:
-        nw, nh = max(1, int(round(w * scale / h))), scale
+        nw, nh = max(1, int(round(w * th / h))), th
     img = img.resize((nw, nh), _INTERP.get(spec.get("interpolation", "bilinear"), Image.BILINEAR))
-    left, top = (nw - size) // 2, (nh - size) // 2
-    img = img.crop((left, top, left + size, top + size))
+    left, top = (nw - out_w) // 2, (nh - out_h) // 2
+    img = img.crop((left, top, left + out_w, top + out_h))
     arr = np.asarray(img, dtype=np.float32) / 255.0
     t = torch.from_numpy(arr).permute(2, 0, 1)
     mean = torch.tensor(spec["mean"], dtype=torch.float32).view(3, 1, 1)
@@ -196,7 +210,7 @@ def load_batch(paths: Iterable[Union[str, Path]], spec: Dict) -> Tensor:
 
 
 def sample_photographs(spec: Dict, names: Sequence[str] = ("astronaut", "coffee", "chelsea", "rocket")) -> Tensor:
-    """Real photographs shipped with scikit-image, preprocessed: [len(names), 3, S, S]."""
+    """Real photographs shipped with scikit-image, preprocessed: [len(names), 3, H, W]."""
     from PIL import Image
     from skimage import data
 

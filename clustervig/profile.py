@@ -143,7 +143,7 @@ def profile_model(model: ClusterViG, batch: int = 1, device: str = "meta") -> Pr
     model.eval()
     try:
         model_dev = model.to(device)
-        x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
+        x = torch.randn(batch, 3, *cfg.img_hw, device=device)
         with torch.no_grad():
             model_dev(x)
     finally:

@@ -6,7 +6,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
-from .model import ClusterViG, ClusterViGConfig
+from .model import ClusterViG, ClusterViGConfig, grid_for
 
 # Table III of the paper (and docs/design.md section 2). cvig_nano is ours: small
 # enough for tests and demos on a 2-core CPU, same structure otherwise.
@@ -79,7 +79,13 @@ def get_config(name: str, **overrides) -> ClusterViGConfig:
         raise ValueError(f"unknown option(s) {bad} for {name}; valid: {sorted(known)}")
     if overrides.get("class_names") is not None:
         overrides["class_names"] = tuple(overrides["class_names"])
-    cfg = replace(_VARIANTS[name], **overrides)
+    base = _VARIANTS[name]
+    if "img_size" in overrides and "grid" not in overrides:
+        # another input size keeps the variant's stride: the token grid follows (H/s, W/s)
+        overrides["grid"] = grid_for(overrides["img_size"], base.stride, name)
+    if overrides.get("features_only"):
+        overrides["class_names"] = None  # a backbone has no classes
+    cfg = replace(base, **overrides)
     if cfg.class_names is not None and len(cfg.class_names) != cfg.num_classes:
         raise ValueError(f"{len(cfg.class_names)} class names given for {cfg.num_classes} classes")
     cfg.validate()
@@ -113,10 +119,21 @@ def create_model(
             the plugin kernels (``torch.ops.cvig``; host build on CPU, CUDA
             build on GPU): inference only, static form (:meth:`ClusterViG.set_kernels`).
         **overrides: any :class:`ClusterViGConfig` field, e.g. ``knn="padded"``,
-            ``capacity=64``, ``kmeans_iters=10``, ``drop_path=0.1``.
+            ``capacity=64``, ``kmeans_iters=10``, ``drop_path=0.1``. Among them:
+            ``img_size=(H, W)`` (or one int): the input size; the token grid is (H/s, W/s) at the
+            variant's stride s (16 for the paper's variants), and a checkpoint trained at another
+            size loads with its position embedding resampled bicubically to that grid.
+            ``features_only=True`` (timm's convention): a backbone whose forward returns the maps
+            ``[B, C, H/s, W/s]`` after the blocks ``out_indices`` (default ``(-1,)``, the last; negative
+            counts from the end) instead of logits; ``feature_pyramid=True`` turns that one map into
+            strides s/2, s, 2s, 4s (:class:`~clustervig.model.SimpleFeaturePyramid`, its transposed
+            convolution untrained). ``model.feature_info`` names the outputs.
 
     Example:
         >>> model = create_model("cvig_ti", num_classes=10).eval()
+        >>> backbone = create_model("cvig_s", img_size=(800, 1344), features_only=True, out_indices=(3, 7, 11, 15))
+        >>> [f["name"] for f in backbone.feature_info]
+        ['block3', 'block7', 'block11', 'block15']
     """
     if pretrained is True:
         raise ValueError(

@@ -37,19 +37,20 @@ def make_model(name: str = "cvig_nano", gcn: str = "mr", seed: int = 0, calib_im
     return model.eval()
 
 
-def varied_images(b: int, size: int = 224, seed: int = 0) -> torch.Tensor:
-    """Images that differ in global statistics, not only in pixel noise.
+def varied_images(b: int, size=224, seed: int = 0) -> torch.Tensor:
+    """Images that differ in global statistics, not only in pixel noise (``size``: S for S x S, or (H, W)).
 
     Pure noise images all pool to nearly the same feature vector, so the head's
     BatchNorm would see ~zero variance and blow up on any other input.
     """
+    h, w = (size, size) if isinstance(size, int) else size
     g = torch.Generator().manual_seed(seed)
     scale = 0.5 + 1.5 * torch.rand(b, 1, 1, 1, generator=g)
     offset = torch.randn(b, 3, 1, 1, generator=g)
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
     freq = 1 + 4 * torch.rand(b, 3, 1, 1, generator=g)
     wave = torch.sin(freq * (xx + yy) * 3.14159)
-    return offset + scale * (torch.randn(b, 3, size, size, generator=g) + wave)
+    return offset + scale * (torch.randn(b, 3, h, w, generator=g) + wave)
 
 
 @pytest.fixture(scope="session")

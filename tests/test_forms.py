@@ -41,6 +41,22 @@ def test_static_equals_reference_every_variant(name, gcn):
         assert diff <= TOL, f"{name}/{gcn} {key} vs reference: max |dlogits| = {diff:.3g}"
 
 
+@pytest.mark.parametrize("name,size,gcn", [("cvig_ti", (128, 224), "mr"), ("cvig_s", (160, 96), "edge"),
+                                           ("cvig_b_hr", (96, 160), "sage"), ("cvig_nano", (512, 576), "gin")])
+def test_static_equals_reference_non_square(name, size, gcn):
+    # non-square inputs (issue #26): a (H/s, W/s) token grid, tokens row by row, a resampled-size position
+    # embedding; cvig_nano at 512 x 576 has N = 32 x 36 = 1152 tokens, where knn="auto" takes the padded layout
+    x = varied_images(2, size, seed=13)
+    model = make_model(name, gcn=gcn, calib_images=x, img_size=size, **({} if name == "cvig_nano" else {"depth": 2}))
+    assert model.cfg.grid_hw == (size[0] // model.cfg.stride, size[1] // model.cfg.stride)
+    out = logits_all_forms(model, x)
+    ref = out["reference"]
+    assert torch.isfinite(ref).all() and 0.1 < ref.abs().max() < 100
+    for key in ("static-masked", "static-padded"):
+        diff = (out[key] - ref).abs().max().item()
+        assert diff <= TOL, f"{name} {size} {key} vs reference: max |dlogits| = {diff:.3g}"
+
+
 def _degc_with_stats(gcn: str, k: int, c: int = 16, clusters: int = 4, numerics: str = "paper"):
     cfg = get_config("cvig_nano", gcn=gcn, dim=c, clusters=clusters, groups=1, numerics=numerics)
     torch.manual_seed(0)

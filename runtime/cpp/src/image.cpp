@@ -456,7 +456,14 @@ PreprocessSpec parseSpec(std::string const& json) {
         if (json[p.i] == ',') ++p.i;
         p.ws();
     }
-    if (nums.count("img_size")) spec.imgSize = static_cast<int>(nums["img_size"][0]);
+    if (nums.count("img_size")) {
+        auto const& size = nums["img_size"];
+        if (size.size() == 2 && size[0] != size[1])
+            throw std::invalid_argument("preprocess JSON: img_size [H, W] is a non-square input (a backbone export); "
+                                        "the C++ runtime takes square images only: run it with cvig run (Python)");
+        if (size.empty() || size.size() > 2) throw std::invalid_argument("preprocess JSON: img_size needs 1 or 2 values");
+        spec.imgSize = static_cast<int>(size[0]);
+    }
     if (nums.count("crop_pct")) spec.cropPct = nums["crop_pct"][0];
     for (auto const* key : {"mean", "std"}) {
         if (!nums.count(key)) continue;

@@ -51,6 +51,9 @@ int main(int argc, char** argv) {
     CHECK(spec.imgSize == 32 && spec.cropPct == 1.0 && spec.interpolation == "bilinear");
     CHECK(spec.std[1] == 0.25f && !spec.normalizeInGraph);
     CHECK(throwsWith([] { cvig::parseSpec(R"({"interpolation": "lanczos"})"); }, "interpolation"));
+    // a square [S, S] is S; a backbone's non-square [H, W] is refused (this runtime classifies square images)
+    CHECK(cvig::parseSpec(R"({"img_size": [48, 48]})").imgSize == 48);
+    CHECK(throwsWith([] { cvig::parseSpec(R"({"img_size": [800, 1344]})"); }, "non-square input"));
 
     // labels files as cvig-export writes them (CRLF and blank lines tolerated), count checked
     {
