@@ -225,7 +225,8 @@ def parse_islands(text: str) -> List[str]:
               help="Also write model_plugins.onnx: k-means, k-NN and gather-max-rel of every DEGC as TensorRT plugin nodes.")
 @click.option("--engine/--no-engine", default=True, help="Build TensorRT engines when tensorrt is importable.")
 @click.option("--plugins-lib", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="libcvig_plugins.so: also build the plugin graph's engine (plugins/README.md).")
+              help="libcvig_plugins.so: also build the plugin graph's engine (default: the one `cvig build-plugins` "
+                   "recorded, if any).")
 @click.option("--workspace", type=click.IntRange(min=1), default=2048, help="TensorRT workspace limit in MiB.")
 @click.option("--tf32/--no-tf32", default=False,
               help="Let TensorRT run FP32 layers in TF32 (10-bit mantissa inputs); off keeps the FP32 islands FP32.")
@@ -325,6 +326,10 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
         raise click.BadParameter(f"{triton_repo} is inside the output folder {out}; give the repository its own folder",
                                  param_hint="--triton-repo")
     check_triton_backends(triton_repo, triton_backends, engine)
+    if plugins and engine and plugins_lib is None:
+        from clustervig.plugins import locations
+
+        plugins_lib = locations.plugin_library()  # what `cvig build-plugins` recorded on this machine, if anything
     planned = planned_files(fp16, int8, int8_backend, plugins, plugins_lib, engine)
     out = Path(out)
     state: Dict = {}  # what _export got to (size estimate, published): for a full disk's message

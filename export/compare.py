@@ -26,7 +26,7 @@ from clustervig.checkpoint import CheckpointError, recorded_config
 from clustervig.checkpoint import build_model as build_checked_model
 from clustervig.cliutil import CTX, MODEL_NAME, existing_file, model_help
 from clustervig.preprocess import sample_photographs, transform_spec
-from clustervig.runtime.session import RuntimeErrorWithFix, engine_metadata
+from clustervig.runtime.session import RuntimeErrorWithFix, engine_metadata, plugin_library_for
 
 from .onnx_export import INPUT, OUTPUT, get_metadata
 from .plugin_graph import PLUGIN_DOMAIN, ort_session
@@ -100,6 +100,10 @@ def trt_runner(path: Path, plugins_lib: Optional[Path] = None, label: Optional[s
     except ImportError:
         raise click.ClickException(f"{path}: comparing a TensorRT engine needs the tensorrt package, which is not "
                                    "installed here") from None
+    try:
+        plugins_lib = plugin_library_for(Path(path), plugins_lib)
+    except RuntimeErrorWithFix as exc:
+        raise click.ClickException(str(exc)) from None
     if plugins_lib is not None:  # an engine of the plugin graph deserialises only with the plugins registered
         try:
             load_plugin_library(trt, plugins_lib)
@@ -316,8 +320,8 @@ the smallest they share).
               help="Batch size; every artifact must accept it (default: the smallest batch all accept: a "
                    "static export's batch, else the smallest of the dynamic ranges).")
 @click.option("--plugins-lib", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="libcvig_plugins.so, for TensorRT engines of the plugin graph (plugin graphs in ONNX need none: "
-                   "they run on the host kernels).")
+              help="libcvig_plugins.so, for TensorRT engines of the plugin graph (default: the one `cvig "
+                   "build-plugins` recorded; plugin graphs in ONNX need none: they run on the host kernels).")
 def main(artifacts, checkpoint, model_name, atol, rtol, inputs, batch, plugins_lib):
     """Compare ClusterViG artifacts with the first one (the reference) and with PyTorch (Polygraphy
     Comparator). Exits non-zero when any artifact differs from the reference beyond the tolerances."""

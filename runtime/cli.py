@@ -16,7 +16,8 @@ from clustervig.preprocess import ImageError
 from .classify import class_names, classify_files
 from .session import RuntimeErrorWithFix, open_session
 
-PLUGINS_LIB_HELP = "libcvig_plugins.so, for TensorRT engines of the plugin graph (plugins/README.md)."
+PLUGINS_LIB_HELP = ("libcvig_plugins.so, for TensorRT engines of the plugin graph (default: the one `cvig build-plugins` "
+                    "recorded).")
 
 
 def _open(model: Path, provider: str, plugins_lib, cuda_graph: bool = False):

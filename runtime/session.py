@@ -196,9 +196,10 @@ class TrtSession(Session):
         self.path = Path(path)
         if not self.path.is_file():
             raise RuntimeErrorWithFix(f"engine {self.path} does not exist")
+        plugin_library = plugin_library_for(self.path, plugin_library)
         if plugin_library is not None and not Path(plugin_library).is_file():
             raise RuntimeErrorWithFix(f"plugin library {plugin_library} does not exist: build it with "
-                                      "cmake -S plugins -B build/plugins -DCVIG_TRT_ROOT=... (plugins/README.md)")
+                                      "`cvig build-plugins` (or cmake, plugins/README.md)")
         try:
             import tensorrt as trt
             from cuda.bindings import runtime as cudart
@@ -345,6 +346,23 @@ def engine_metadata(path: Path) -> Dict[str, str]:
     return {}
 
 
+def plugin_library_for(engine: Path, explicit: Optional[Path] = None) -> Optional[Path]:
+    """The plugin library an engine needs: ``explicit``, else, for an engine of the plugin graph (its metadata
+    lists ``clustervig.plugins``), the one ``cvig build-plugins`` recorded (``$CVIG_PLUGINS_LIB`` first); None for
+    an engine without plugins. An engine of the plugin graph with no library found is an error naming the fix."""
+    from clustervig.plugins import locations
+
+    if explicit is not None:
+        return Path(explicit)
+    if "clustervig.plugins" not in engine_metadata(Path(engine)):
+        return None
+    found = locations.plugin_library()
+    if found is None:
+        raise RuntimeErrorWithFix(f"{engine} is an engine of the plugin graph and needs libcvig_plugins.so: run "
+                                  "`cvig build-plugins` once on this machine, or pass plugin_library=/--plugins-lib")
+    return found
+
+
 def open_session(path, providers: Optional[Sequence[str]] = None, plugin_library: Optional[Path] = None,
                  cuda_graph: bool = False) -> Session:
     """Open an exported model for inference; the backend follows the file's suffix.
@@ -355,7 +373,8 @@ def open_session(path, providers: Optional[Sequence[str]] = None, plugin_library
             finds its metadata in ``model_<precision>.json`` / ``preprocess.json`` beside it).
         providers: ONNX Runtime execution providers (default: the CPU provider), e.g.
             ``["CUDAExecutionProvider"]``.
-        plugin_library: ``libcvig_plugins.so`` for an engine of the plugin graph.
+        plugin_library: ``libcvig_plugins.so`` for an engine of the plugin graph (default: the one
+            ``cvig build-plugins`` recorded on this machine).
         cuda_graph: TensorRT: capture each input shape's enqueue into a CUDA graph and replay it.
 
     Returns:

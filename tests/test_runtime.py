@@ -189,7 +189,7 @@ def test_missing_plugin_library_and_cuda_graph_misuse(tmp_path, nano, photo_file
     plan = tmp_path / "m.plan"
     plan.write_bytes(b"\x00" * 64)
     res = CliRunner().invoke(run_main, [str(plan), str(photo_files[0]), "--plugins-lib", str(tmp_path / "libnope.so")])
-    assert res.exit_code == 1 and "libnope.so does not exist" in res.output and "cmake -S plugins" in res.output
+    assert res.exit_code == 1 and "libnope.so does not exist" in res.output and "`cvig build-plugins`" in res.output
     res = CliRunner().invoke(run_main, [str(d / "dyn.onnx"), str(photo_files[0]), "--cuda-graph"])
     assert res.exit_code == 2 and "--cuda-graph applies to TensorRT engines" in res.output
 

@@ -289,3 +289,28 @@ def test_build_plugins_against_tensorrt_headers(home, tmp_path):
             for name in locations.KINDS.values():
                 assert (out / name).is_file(), name
             assert set(json.loads((home / "libraries.json").read_text())["libraries"]) == set(locations.KINDS)
+
+
+def test_engines_of_the_plugin_graph_find_the_recorded_library(home, tmp_path):
+    """cvig run/compare and open_session take the library build-plugins recorded, for plugin-graph engines only."""
+    from clustervig.runtime.session import RuntimeErrorWithFix, open_session, plugin_library_for
+
+    plan = tmp_path / "model_plugins.plan"
+    plan.write_bytes(b"not an engine")
+    (tmp_path / "model_plugins.json").write_text(json.dumps({"clustervig.plugins": '{"CvigKMeans": 4}'}))
+    plain = tmp_path / "model_fp32.plan"
+    plain.write_bytes(b"not an engine")
+    (tmp_path / "model_fp32.json").write_text(json.dumps({"clustervig.precision": "fp32"}))
+    assert plugin_library_for(plain) is None
+    with pytest.raises(RuntimeErrorWithFix, match="engine of the plugin graph and needs libcvig_plugins.so: run "
+                                                  "`cvig build-plugins`"):
+        plugin_library_for(plan)
+    lib = tmp_path / "libcvig_plugins.so"
+    lib.write_bytes(b"x")
+    locations.record({"plugins": str(lib)})
+    assert plugin_library_for(plan) == lib.resolve()
+    assert plugin_library_for(plan, tmp_path / "mine.so") == tmp_path / "mine.so"
+    assert plugin_library_for(plain) is None  # a plain engine loads no plugin library
+    if not importlib_has("tensorrt"):  # the session gets that far before it needs TensorRT itself
+        with pytest.raises(RuntimeErrorWithFix, match="needs TensorRT and cuda-python"):
+            open_session(plan)
