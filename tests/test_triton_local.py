@@ -28,8 +28,9 @@ import http.server, os, signal, subprocess, sys, threading
 port = int(next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--http-port=")))
 stub = subprocess.Popen([sys.executable, "-c",
                          "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)"])
-with open(os.environ["FAKE_TRITON_PIDS"], "w") as f:
-    f.write(f"{os.getpid()} {stub.pid} {port}\n")
+if os.environ.get("FAKE_TRITON_PIDS"):
+    with open(os.environ["FAKE_TRITON_PIDS"], "w") as f:
+        f.write(f"{os.getpid()} {stub.pid} {port}\n")
 
 def stop(signum, frame):  # tritonserver on SIGTERM: stops its stubs, exits
     stub.kill()
@@ -50,10 +51,10 @@ http.server.HTTPServer(("127.0.0.1", port), Ready).serve_forever()
 '''
 
 
-@pytest.fixture(scope="module")
-def fake_env(tmp_path_factory):
-    """A server environment with the wheel's layout whose tritonserver is FAKE_SERVER."""
-    env = tmp_path_factory.mktemp("fake-triton-env")
+def make_fake_env(env: Path) -> Path:
+    """A server environment at ``env`` with the wheel's layout whose tritonserver is FAKE_SERVER (also used by
+    tests/test_readme.py where the real server cannot be installed)."""
+    env.mkdir(parents=True, exist_ok=True)
     (env / "bin").mkdir()
     (env / "bin" / "python").symlink_to(sys.executable)
     lib = env / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
@@ -72,6 +73,11 @@ def fake_env(tmp_path_factory):
     _marker(env).write_text(json.dumps(want) + "\n")  # ensure_env takes it as made: no pip
     assert server_files(env)["binary"] == binary
     return env
+
+
+@pytest.fixture(scope="module")
+def fake_env(tmp_path_factory):
+    return make_fake_env(tmp_path_factory.mktemp("fake") / "fake-triton-env")
 
 
 def alive(pid: int) -> bool:
