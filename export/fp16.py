@@ -195,11 +195,11 @@ def float_tensor_ranges(model: onnx.ModelProto, batches: Iterable[np.ndarray]) -
 
 # ops whose float outputs only copy, select or shrink values of their float inputs: when those
 # inputs are safe in FP16, so are the outputs, however large (the masked k-NN's -1e4 sentinel,
-# chosen to be representable in FP16, passes through Where and TopK this way)
+# chosen to be representable in FP16, passes through Where, the self-similarity ScatterElements and TopK this way)
 COPY_OPS = frozenset({
     "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Expand", "Tile", "Concat", "Split",
     "Slice", "Gather", "GatherElements", "GatherND", "Where", "TopK", "Max", "Min", "ReduceMax", "ReduceMin",
-    "MaxPool", "Relu", "Abs", "Neg", "Cast", "Pad",
+    "MaxPool", "Relu", "Abs", "Neg", "Cast", "Pad", "ScatterElements",  # the exports scatter without a reduction
 })
 
 
