@@ -491,12 +491,14 @@ class ClusterViG(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.dim, *cfg.grid_hw))
         dpr = torch.linspace(0, cfg.drop_path, cfg.depth, device="cpu").tolist()
         blocks = [Block(cfg, k, p) for k, p in zip(cfg.neighbors, dpr)]  # K and drop rates of the full depth
+        # registered in this order (stem, pos_embed, blocks, head...): module order is the initialisation order
+        # of reset_parameters, so a seed gives the weights it always gave
+        self.blocks = nn.Sequential(*(blocks[: max(cfg.feature_blocks) + 1] if cfg.features_only else blocks))
         self.prediction: Optional[nn.Sequential] = None
         self.head: Optional[nn.Conv2d] = None
         self.dist_head: Optional[nn.Conv2d] = None
         self.pyramid: Optional[SimpleFeaturePyramid] = None
         if cfg.features_only:
-            blocks = blocks[: max(cfg.feature_blocks) + 1]
             if cfg.feature_pyramid:
                 self.pyramid = SimpleFeaturePyramid(cfg.dim)
         else:
@@ -510,7 +512,6 @@ class ClusterViG(nn.Module):
             self.head = nn.Conv2d(cfg.head_dim, cfg.num_classes, 1, bias=True)
             if cfg.distillation:
                 self.dist_head = nn.Conv2d(cfg.head_dim, cfg.num_classes, 1, bias=True)
-        self.blocks = nn.Sequential(*blocks)
         self.reset_parameters()
         # what loading a checkpoint changed or could not fill (checkpoint.load_state_dict; the export report)
         self.load_notes: Dict[str, object] = {}

@@ -143,6 +143,16 @@ def test_non_square_checkpoint_round_trip(tmp_path):
         assert torch.equal(back(x), src(x))
 
 
+def test_module_order_keeps_the_weights_a_seed_gives():
+    # reset_parameters initialises in module order: stem, blocks, then the head (or the pyramid), as before
+    # backbones existed, so a seed draws the classifier weights it always drew
+    keys = list(clustervig.create_model("cvig_nano").state_dict())
+    tops = list(dict.fromkeys(k.split(".")[0] for k in keys))
+    assert tops == ["pos_embed", "stem", "blocks", "prediction", "head", "dist_head"]
+    bb = list(clustervig.create_model("cvig_nano", features_only=True, feature_pyramid=True).state_dict())
+    assert list(dict.fromkeys(k.split(".")[0] for k in bb)) == ["pos_embed", "stem", "blocks", "pyramid"]
+
+
 # -- feature outputs ------------------------------------------------------------------------------------------
 
 
