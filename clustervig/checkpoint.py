@@ -249,7 +249,15 @@ def model_from_checkpoint(path: PathLike, form: str = "static", **overrides: Any
 def _from_record(path: Path, obj: Mapping[str, Any], form: str = "static", **overrides: Any) -> ClusterViG:
     from .registry import create_model
 
-    cfg = obj.get("config")
+    name, kwargs = _record_kwargs(path, obj.get("config"), form, overrides)
+    model = create_model(name, **kwargs)
+    load_state_dict(model, extract_state_dict(obj), source=f"checkpoint {path}")
+    return model
+
+
+def _record_kwargs(path: Path, cfg: Any, form: str, overrides: Dict[str, Any]):
+    """``(name, create_model keyword arguments)`` of a recorded config with ``overrides``; another
+    ``img_size`` keeps the recorded stride (its grid follows)."""
     if not isinstance(cfg, Mapping) or "name" not in cfg:
         raise CheckpointError(
             f"checkpoint {path} records no model config; name the variant explicitly (e.g. --model cvig_ti)"
@@ -267,12 +275,27 @@ def _from_record(path: Path, obj: Mapping[str, Any], form: str = "static", **ove
     for key in ("mean", "std"):
         if key in cfg:
             cfg[key] = tuple(cfg[key])
-    num_classes = cfg.pop("num_classes", 1000)
-    gcn = cfg.pop("gcn", "mr")
-    form = cfg.pop("form")
-    model = create_model(name, num_classes=num_classes, gcn=gcn, form=form, **cfg)
-    load_state_dict(model, extract_state_dict(obj), source=f"checkpoint {path}")
-    return model
+    cfg.setdefault("num_classes", 1000)
+    cfg.setdefault("gcn", "mr")
+    return name, cfg
+
+
+def model_config(name: Optional[str], checkpoint: Optional[PathLike], num_classes: Optional[int] = None,
+                 **overrides: Any):
+    """The config :func:`build_model` builds for these options, without building the model or loading weights:
+    command lines check sizes and outputs (``img_size``, ``out_indices``, ...) with it before any work.
+    Raises ValueError (a :class:`CheckpointError` for the file) naming the problem."""
+    from .registry import get_config
+
+    extra = {"num_classes": num_classes} if num_classes is not None else {}
+    if checkpoint is not None:
+        cfg = recorded_config(checkpoint)
+        if cfg is not None:
+            rec_name, kwargs = _record_kwargs(Path(checkpoint), cfg, "static", overrides)
+            return get_config(rec_name, **kwargs)
+    if name is None:
+        raise CheckpointError("give --model NAME, or --checkpoint of a file saved by clustervig (it records its model)")
+    return get_config(name, **extra, **overrides)
 
 
 def recorded_config(path: PathLike) -> Optional[Dict[str, Any]]:

@@ -21,6 +21,7 @@ import torch
 import clustervig
 from clustervig.checkpoint import CheckpointError, read_checkpoint
 from clustervig.checkpoint import build_model as build_checked_model
+from clustervig.checkpoint import model_config
 from clustervig.cliutil import CTX, Terminated, check_output_dir, check_output_file, existing_file, signals_deferred, \
     terminate_as_interrupt
 from clustervig.graph import kmeans_labels
@@ -40,7 +41,7 @@ from clustervig.calib.modelopt_backend import where as modelopt_where
 from .plugin_graph import SurgeryError, to_plugin_graph
 from .onnx_export import MIN_OPSET, BatchSpec, ExportError, atomic_save, check_model, export_onnx, get_metadata, set_metadata
 from .triton import BACKENDS as TRITON_BACKENDS, write_triton_repo
-from .trt_compat import check_tensorrt_ops
+from .trt_compat import check_tensorrt_ops, memory_summary
 from .trt_build import TensorRTUnavailable, build_command_hint, build_engine, tensorrt_module
 from .validate import in_graph_normalization, validate as run_validation  # `validate` is the --validate flag in main
 from .validate_sets import LabelledSet, ValidateSetError, check_validate_set, load_validate_set, model_class_names
@@ -130,8 +131,7 @@ def validation_inputs(model, batch: BatchSpec, samples: int) -> Dict[str, torch.
     photos = sample_photographs(transform_spec(model.cfg))
     reps = -(-n // len(photos))
     g = torch.Generator().manual_seed(0)
-    size = model.cfg.img_size
-    return {"photos": photos.repeat(reps, 1, 1, 1)[:n], "random": torch.randn(n, 3, size, size, generator=g)}
+    return {"photos": photos.repeat(reps, 1, 1, 1)[:n], "random": torch.randn(n, 3, *model.cfg.img_hw, generator=g)}
 
 
 def labelled_set(model, checkpoint: Optional[Path], spec: str, limit: int, bspec: BatchSpec) -> LabelledSet:
@@ -192,6 +192,20 @@ def parse_islands(text: str) -> List[str]:
 @click.option("--num-classes", type=click.IntRange(min=1), default=None,
               help="Classifier outputs (default: the variant's, or what the checkpoint records).")
 @click.option("--seed", type=int, default=0, help="Seed of the random weights when there is no --checkpoint (reproducible demos and benchmarks).")
+@click.option("--img-size", default=None, metavar="HxW", callback=lambda ctx, param, v: parse_img_size(v),
+              help="Input size H x W (or one number for a square input; default: the variant's or the checkpoint's), "
+                   "any multiple of the model's stride (16 for the paper's variants), e.g. 800x1344. A checkpoint "
+                   "trained at another size is used with its position embedding resampled (bicubic).")
+@click.option("--features", is_flag=True, default=False,
+              help="Export a backbone: the graph returns the feature maps [B, C, H/s, W/s] after the blocks of "
+                   "--out-indices (outputs block<i>), or the --feature-pyramid levels, instead of logits; every map "
+                   "is validated against PyTorch.")
+@click.option("--out-indices", default=None, metavar="I,J,...", callback=lambda ctx, param, v: parse_out_indices(v),
+              help="With --features: the blocks whose maps are returned, increasing (negative: from the end; "
+                   "default -1, the last), e.g. 3,7,11,15.")
+@click.option("--feature-pyramid", is_flag=True, default=False,
+              help="With --features: turn the one map of --out-indices into strides s/2, s, 2s, 4s (outputs p3..p6 "
+                   "at stride 16; a transposed convolution that no checkpoint trains, and max pooling).")
 @click.option("--gcn", type=click.Choice(["mr", "edge", "sage", "gin"]), default=None, help="Local update (default: the variant's).")
 @click.option("--batch", type=click.IntRange(min=1), default=None, help="Static batch size (default 1).")
 @click.option("--dynamic-batch", default=None, metavar="MIN:OPT:MAX", help="Dynamic batch range, e.g. 1:8:32.")
@@ -258,7 +272,8 @@ def parse_islands(text: str) -> List[str]:
               help="Replace files in the output folder that have the names this export writes (model_fp32.onnx, "
                    "preprocess.json, report.json, ...) although no earlier export's report.json lists them. "
                    "Files with other names are still left alone.")
-def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, fp16, fp16_io, fp32_islands, int8, calib_dir,
+def main(model_name, checkpoint, num_classes, seed, img_size, features, out_indices, feature_pyramid, gcn, batch,
+         dynamic_batch, fp16, fp16_io, fp32_islands, int8, calib_dir,
          calib_method, int8_backend, calib_samples, opset, knn,
          capacity, normalize_in_graph, simplify, plugins, engine, plugins_lib, workspace, tf32, timing_cache, triton_repo,
          triton_backends, validate, samples, validate_set, validate_images, out, force, gate_specs, no_gates):
@@ -277,6 +292,8 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
         raise click.UsageError("give --model NAME, or --checkpoint of a file saved by clustervig (it records its model)")
     if checkpoint is not None:
         existing_file(checkpoint, "checkpoint")
+    shape = check_model_shape(model_name, checkpoint, num_classes, img_size, features, out_indices, feature_pyramid,
+                              gcn, knn, validate_set, triton_repo)
     if knn == "masked" and capacity is not None:
         raise click.UsageError(f"--capacity {capacity} applies to the padded k-NN layout; --knn masked has no partition "
                                "capacity (add --knn padded, or drop --capacity)")
@@ -348,7 +365,7 @@ def main(model_name, checkpoint, num_classes, seed, gcn, batch, dynamic_batch, f
                         calib_files, calib_method, int8_backend, opset, knn, capacity, normalize_in_graph, simplify, plugins,
                         engine, plugins_lib, workspace, tf32, timing_cache, triton_repo, list(triton_backends) or None,
                         validate, samples, validate_set, validate_images, out, gate_overrides, no_gates, earlier, replaced,
-                        state)
+                        state, shape=shape)
     except FolderBusy as exc:
         raise click.ClickException(
             f"{out}/ is in use by another cvig export (PID {exc.pid if exc.pid is not None else 'unknown'}), which owns it "
@@ -491,12 +508,13 @@ def _inside(path: Path, folder: Path) -> Optional[Path]:
 def _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io, islands, int8, calib_dir, calib_files,
             calib_method, int8_backend, opset, knn, capacity, normalize_in_graph, simplify, plugins, engine, plugins_lib, workspace, tf32,
             timing_cache, triton_repo, triton_backends, validate, samples, validate_set, validate_images, out: Path, gate_overrides, no_gates,
-            earlier, replaced: List[str], state: Dict) -> None:
+            earlier, replaced: List[str], state: Dict, shape: Optional[Dict] = None) -> None:
     n_steps = 3 + int(fp16) + int(validate) + int(plugins) + int(int8)
     step = 0
     timings: Dict[str, float] = {}
     overrides = {k: v for k, v in dict(gcn=gcn, knn=knn, capacity=capacity if capacity != "auto" else None).items()
                  if v is not None}
+    overrides.update(shape or {})  # img_size and a backbone's outputs (check_model_shape)
 
     step += 1
     t = _step(step, n_steps, f"building {model_name or 'model from checkpoint'}" + (f" from {checkpoint}" if checkpoint else ""))
@@ -509,6 +527,14 @@ def _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io
         # all sample photographs, whatever the batch: statistics of a single image
         # zero the head's BatchNorm (one pooled vector has no variance) and the logits with it
         calibrate_batchnorm(model, [sample_photographs(transform_spec(model.cfg))])
+    if model.load_notes.get("untrained"):
+        click.secho(f"note: {', '.join(model.load_notes['untrained'])} (the feature pyramid's transposed convolution) "
+                    "are not in the checkpoint: they keep their initialisation, untrained until a detector trains "
+                    "them", fg="yellow", err=True)
+    if "pos_embed_resampled" in model.load_notes:
+        r = model.load_notes["pos_embed_resampled"]
+        click.echo(f"      position embedding resampled from the checkpoint's {r['from_grid'][0]}x{r['from_grid'][1]} "
+                   f"token grid to {r['to_grid'][0]}x{r['to_grid'][1]} (bicubic)", err=True)
     spec = transform_spec(model.cfg)
     state["estimate"] = export_size_estimate(model, fp16, int8, plugins)
     capacity_info = resolve_capacity(model, capacity, inputs, calib_files)
@@ -625,6 +651,10 @@ def _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io
             "artifacts": {},
             "timings_s": timings,
         }
+        if model.cfg.features_only:  # a backbone: its maps, and what loading the checkpoint resampled or left untrained
+            report["outputs"] = model.cfg.feature_outputs()
+        if model.load_notes:
+            report["checkpoint_notes"] = model.load_notes
         if validate:
             step += 1
             sets = dict(inputs)
@@ -693,10 +723,12 @@ def _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io
                     click.secho(f"WARNING: {path.name}: TensorRT will reject {line}", fg="yellow", err=True)
                 for line in entry["tensorrt_op_warnings"]:
                     click.secho(f"note: {path.name}: {line}", fg="yellow", err=True)
+                if model.cfg.features_only:  # high-resolution graphs: what an engine has to hold (tensorrt.md s. 9)
+                    entry["tensorrt_memory"] = memory_summary(g)
             report["artifacts"][name] = entry
         if precision:
             report["artifacts"]["fp16"]["precision_of_compute_ops"] = precision
-        names = _class_names(model.cfg)
+        names = None if model.cfg.features_only else _class_names(model.cfg)  # a backbone has no classes
         sidecars = write_sidecars(stage, names, metas)
         if triton_repo is not None:
             report["triton_repo"] = {"path": str(Path(triton_repo).resolve()), "models": []}
@@ -783,6 +815,73 @@ def publish(stage: Path, out: Path, files: List[str], earlier: Optional[Dict]) -
     return removed
 
 
+def parse_img_size(text: Optional[str]):
+    """``--img-size``: ``HxW`` (e.g. 800x1344) or one number for a square input; None keeps the model's."""
+    if text is None:
+        return None
+    parts = text.lower().replace("*", "x").split("x")
+    try:
+        dims = [int(v) for v in parts]
+    except ValueError:
+        dims = []
+    if len(dims) not in (1, 2) or min(dims) < 1:
+        raise click.BadParameter(f"{text!r} is not a size: give HxW in pixels, e.g. 800x1344, or one number for a "
+                                 "square input", param_hint="--img-size")
+    return dims[0] if len(dims) == 1 else (dims[0], dims[1])
+
+
+def parse_out_indices(text: Optional[str]):
+    """``--out-indices``: comma-separated block indices (negative from the end)."""
+    if text is None:
+        return None
+    try:
+        idx = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        idx = ()
+    if not idx:
+        raise click.BadParameter(f"{text!r}: give comma-separated block indices, e.g. 3,7,11,15 (or -1 for the last)",
+                                 param_hint="--out-indices")
+    return idx
+
+
+def check_model_shape(model_name, checkpoint, num_classes, img_size, features: bool, out_indices, feature_pyramid: bool,
+                      gcn, knn, validate_set, triton_repo) -> Dict:
+    """The ``create_model`` options of --img-size / --features / --out-indices / --feature-pyramid, checked
+    against the model (from --model, or the config the checkpoint records) before any work: a size the stem's
+    stride does not divide, a grid too small for the clusters, or blocks the model does not have are one line
+    each. Returns the options."""
+    if not features:
+        for flag, given in (("--out-indices", out_indices is not None), ("--feature-pyramid", feature_pyramid)):
+            if given:
+                raise click.UsageError(f"{flag} chooses a backbone's outputs: add --features")
+    else:
+        if num_classes is not None:
+            raise click.UsageError("--num-classes sizes a classifier head, and a --features export has none: drop "
+                                   "--num-classes")
+        if validate_set is not None:
+            raise click.UsageError("--validate-set measures top-1 accuracy, and a --features export returns feature "
+                                   "maps, not classes: drop --validate-set (every map is compared with PyTorch)")
+        if triton_repo is not None:
+            raise click.UsageError("--triton-repo writes a classifier's model repository (output logits); a --features "
+                                   "export has other outputs: drop --triton-repo")
+    shape: Dict = {}
+    if img_size is not None:
+        shape["img_size"] = img_size
+    if features:
+        shape.update(features_only=True, feature_pyramid=feature_pyramid)
+        if out_indices is not None:
+            shape["out_indices"] = out_indices
+    if shape and (model_name is not None or checkpoint is not None):
+        extra = {k: v for k, v in dict(gcn=gcn, knn=knn).items() if v is not None}
+        try:
+            model_config(model_name, checkpoint, num_classes, **extra, **shape)
+        except (CheckpointError, ValueError) as exc:
+            hint = "--img-size" if "img_size" in str(exc) or "token grid" in str(exc) else (
+                "--out-indices" if "out_indices" in str(exc) else "--feature-pyramid" if "pyramid" in str(exc) else None)
+            raise click.BadParameter(str(exc), param_hint=hint) from None
+    return shape
+
+
 def parse_capacity(text: Optional[str]):
     """``--capacity``: None (P = N), ``"auto"``, or an integer >= 1 (the upper bound N is checked on the model)."""
     if text is None:
@@ -805,8 +904,12 @@ def _partition_batches(images: torch.Tensor, batch: int = 8):
 def measure_partitions(model, images: torch.Tensor, capacity: Optional[int] = None) -> Dict:
     """Largest partition (tokens sharing a k-means label in one image, any block) and the overflow tokens
     (all images; in all, and per block) of ``model`` on ``images`` with the padded layout at ``capacity``
-    (None: N)."""
-    model.set_form("static", capacity=capacity or model.cfg.tokens)
+    (None: N). At P = N the masked layout runs instead: the same labels and neighbours (both are exact,
+    docs/design.md section 3) for N^2 similarities instead of kappa N^2 (N = 4200 at 800 x 1344)."""
+    n = model.cfg.tokens
+    exact = capacity is None or capacity >= n
+    knn_before = model.cfg.knn
+    model.set_form("static", knn="masked" if exact else "padded", capacity=capacity or n)
     largest = [0]
 
     def hook(mod, args, out):
@@ -822,10 +925,11 @@ def measure_partitions(model, images: torch.Tensor, capacity: Optional[int] = No
             for x in _partition_batches(images):
                 model(x)
                 for i, d in enumerate(degcs):
-                    per_block[i] += d.knn.last_overflow
+                    per_block[i] += 0 if exact else d.knn.last_overflow
     finally:
         for h in hooks:
             h.remove()
+        model.set_form("static", knn=knn_before, capacity=capacity or n)
     return {"largest_partition": largest[0], "overflow_tokens": sum(per_block), "overflow_per_block": per_block}
 
 
@@ -897,7 +1001,7 @@ def resolve_capacity(model, capacity, inputs: Dict[str, torch.Tensor], calib_fil
 # what makes a variant (sizes and structure): another value makes the model a custom size of it; the class
 # count, local update, k-NN layout, preprocessing and numerics are options of a variant (README, "The model")
 ARCHITECTURE = ("dim", "depth", "grid", "clusters", "groups", "img_size", "stem_layers", "head_dim", "k_min", "k_max",
-                "kmeans_iters", "global_update", "distillation")
+                "kmeans_iters", "global_update", "distillation", "features_only", "out_indices", "feature_pyramid")
 
 
 def describe_model(cfg) -> Dict:
@@ -1015,6 +1119,8 @@ def write_sidecars(stage: Path, names: Optional[List[str]], metas: Dict[str, Dic
 
 def summary_table(report: Dict) -> str:
     lines: List[str] = ["", f"model: {model_label(report['model'])}"] if "model" in report else []
+    if report.get("outputs"):  # a backbone
+        lines.append("outputs: " + ", ".join(f"{o['name']} {o['shape']} stride {o['stride']}" for o in report["outputs"]))
     lines += ["", f"{'artifact':<12} {'nodes':>7} {'MiB':>8}"]
     for name, a in report["artifacts"].items():
         lines.append(f"{name:<12} {a.get('nodes', '-'):>7} {a['bytes'] / 2**20:>8.2f}")
@@ -1043,9 +1149,12 @@ def summary_table(report: Dict) -> str:
                 lab = fmt_fraction(r["label_agreement"]) if "label_agreement" in r else "-"
                 nb = fmt_fraction(r["neighbor_agreement"]) if "neighbor_agreement" in r else "-"
                 v = verdict.get((set_name, cmp_name))
+                top1 = fmt_fraction(r["top1_agreement"], 0) if "top1_agreement" in r else "-"  # a backbone: none
                 lines.append(f"{set_name:<{width}} {cmp_name:<22} {r['max_abs_diff']:>9.2e} {fmt_cosine(r['cosine_min']):>10} "
-                             f"{fmt_fraction(r['top1_agreement'], 0):>8} {lab:>8} {nb:>8} "
+                             f"{top1:>8} {lab:>8} {nb:>8} "
                              f"{'-' if v is None else 'ok' if v else 'FAIL':>5}")
+                for out_name, o in (r.get("outputs") or {}).items():  # a backbone's maps, one by one
+                    lines.append(f"{'':<{width}}   {out_name:<20} {o['max_abs_diff']:>9.2e} {fmt_cosine(o['cosine_min']):>10}")
     if val and val.get("accuracy"):
         lines.append("")
         for set_name, acc in val["accuracy"].items():
@@ -1053,7 +1162,8 @@ def summary_table(report: Dict) -> str:
                          + ", ".join(f"{k} {fmt_fraction(v)}" for k, v in acc["top1"].items()))
     if gates:
         lines.append("")
-        lines.append(_gates_line(gates, report["artifacts"], bool(val and val.get("accuracy"))))
+        lines.append(_gates_line(gates, report["artifacts"], bool(val and val.get("accuracy")),
+                                 backbone=bool(report.get("outputs"))))
     t = report["timings_s"]
     lines.append("")
     lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
@@ -1077,13 +1187,14 @@ def _range_analysis_lines(ra: Dict, listed: int = 12) -> str:
     return head + ", nodes per module (each node in report.json):\n  " + ", ".join(f"{sc} {n}" for sc, n in scopes.items())
 
 
-def _gates_line(gates: Dict, artifacts: Dict, labelled: bool = False) -> str:
+def _gates_line(gates: Dict, artifacts: Dict, labelled: bool = False, backbone: bool = False) -> str:
     if "thresholds" not in gates:
         return f"gates: not checked ({gates.get('why', '')})"
     parts = []
+    metrics = ("cosine",) if backbone else ("cosine", "top1")  # a backbone: the worst map's cosine, no top-1
     for art in (a for a in ("fp32", "fp16", "int8", "plugins") if a in artifacts):
         th = [f"{m}>={fmt_fraction(g['threshold']) if m == 'top1' else g['threshold']}"
-              for m in ("cosine", "top1") for g in [gates["thresholds"][f"{art}.{m}"]] if g["threshold"] is not None]
+              for m in metrics for g in [gates["thresholds"][f"{art}.{m}"]] if g["threshold"] is not None]
         drop = gates["thresholds"].get(f"{art}.accuracy_drop", {}).get("threshold")
         if labelled and drop is not None:
             th.append(f"accuracy drop<={drop * 100:g} pt")

@@ -150,7 +150,7 @@ def check_gates(validation: Dict, gates: Dict[str, Dict]) -> List[Dict]:
                 for metric, (key, label) in METRICS.items():
                     gate = f"{artifact}.{metric}"
                     t = gates[gate]["threshold"]
-                    if t is None:
+                    if t is None or key not in r:  # a backbone has no top-1 (its cosine is its worst map's)
                         continue
                     v = float(r[key])
                     ok = not math.isnan(v) and v >= t

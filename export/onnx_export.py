@@ -12,13 +12,13 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import onnx
 import torch
 from torch import nn
 
-from clustervig.model import ClusterViG
+from clustervig.model import ClusterViG, as_hw
 from clustervig.preprocess import transform_spec
 from clustervig.utils import atomic_path
 
@@ -103,16 +103,18 @@ def export_onnx(
     model = model.eval()
     cfg = model.cfg
     net: nn.Module = (_Normalizing(model) if normalize_in_graph else model).eval()
-    x = torch.zeros(batch.opt, 3, cfg.img_size, cfg.img_size)
+    x = torch.zeros(batch.opt, 3, *cfg.img_hw)
     buf = io.BytesIO()
-    dynamic_axes = {INPUT: {0: "batch"}, OUTPUT: {0: "batch"}} if batch.dynamic else None
+    names = output_names(cfg)
+    dynamic_axes = {name: {0: "batch"} for name in [INPUT] + names} if batch.dynamic else None
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings on shape arithmetic are expected here
         torch.onnx.export(
-            net, (x,), buf, dynamo=False, opset_version=opset, input_names=[INPUT], output_names=[OUTPUT],
+            net, (x,), buf, dynamo=False, opset_version=opset, input_names=[INPUT], output_names=names,
             dynamic_axes=dynamic_axes, do_constant_folding=True,
         )
     onx = onnx.load_from_string(buf.getvalue())
+    set_output_shapes(onx, cfg, batch)
     prefix = "model." if normalize_in_graph else ""
     rename_graph(onx, [prefix + n for n, _ in model.named_modules()] + (["model"] if normalize_in_graph else []))
     if normalize_in_graph:  # drop the wrapper's "model." prefix so names are the same in both variants
@@ -128,6 +130,8 @@ def export_onnx(
         "clustervig.precision": "fp32",
         **(extra_metadata or {}),
     }
+    if cfg.features_only:  # a backbone: its maps in output order (name, channels, stride, [C, h, w])
+        meta["clustervig.outputs"] = json.dumps(cfg.feature_outputs())
     set_metadata(onx, meta)
     onx.producer_name = "clustervig-trt"
     checked = check_model(onx)
@@ -166,5 +170,31 @@ def get_metadata(model: onnx.ModelProto) -> dict:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def io_shape(batch: BatchSpec, img_size: int) -> Tuple:
-    return (batch.opt, 3, img_size, img_size)
+def set_output_shapes(model: onnx.ModelProto, cfg, batch: BatchSpec) -> None:
+    """Declare every output's shape: ``batch`` (a dynamic axis) or the static batch, then [classes] or a map's
+    [C, h, w]. The exporter leaves a backbone's map sizes symbolic (``Addblock0_dim_2``) with a dynamic batch."""
+    outs = cfg.feature_outputs()
+    shapes = [[cfg.num_classes]] if outs is None else [o["shape"] for o in outs]
+    for o, shape in zip(model.graph.output, shapes):
+        dims = o.type.tensor_type.shape.dim
+        del dims[:]
+        first = dims.add()
+        if batch.dynamic:
+            first.dim_param = "batch"
+        else:
+            first.dim_value = batch.opt
+        for v in shape:
+            dims.add().dim_value = int(v)
+
+
+def output_names(cfg) -> List[str]:
+    """The graph's outputs: ``logits`` for a classifier, a backbone's maps by name (``block15``; ``p3``..``p6``
+    of the feature pyramid) in the order :meth:`~clustervig.ClusterViGConfig.feature_outputs` gives."""
+    outs = cfg.feature_outputs()
+    return [OUTPUT] if outs is None else [o["name"] for o in outs]
+
+
+def io_shape(batch: BatchSpec, img_size) -> Tuple:
+    """The input shape ``[B, 3, H, W]`` (``img_size``: S for S x S, or (H, W))."""
+    h, w = as_hw(img_size)
+    return (batch.opt, 3, h, w)

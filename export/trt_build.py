@@ -8,7 +8,7 @@ it :class:`TensorRTUnavailable` explains how to build elsewhere.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 from clustervig.utils import write_bytes_atomic
 
@@ -52,12 +52,21 @@ def load_plugin_library(trt, path: Path) -> None:
                                       "(libcudart) is not on the library path")
 
 
-def build_command_hint(onnx_path: Path, engine_path: Path, batch, img_size: int, tf32: bool = False,
+def _hw(img_size) -> Tuple[int, int]:
+    """(H, W) of an image size given as one int (square) or (H, W)."""
+    if isinstance(img_size, (tuple, list)):
+        return int(img_size[0]), int(img_size[1])
+    return int(img_size), int(img_size)
+
+
+def build_command_hint(onnx_path: Path, engine_path: Path, batch, img_size, tf32: bool = False,
                        plugin_library: Optional[str] = None) -> str:
-    """The trtexec command that builds the engine cvig-export would build (strongly typed, TF32 off)."""
+    """The trtexec command that builds the engine cvig-export would build (strongly typed, TF32 off);
+    ``img_size`` is S (square) or (H, W)."""
     shapes = ""
     if batch.dynamic:
-        hw = f"3x{img_size}x{img_size}"
+        h, w = _hw(img_size)
+        hw = f"3x{h}x{w}"
         shapes = (f" --minShapes=images:{batch.min}x{hw} --optShapes=images:{batch.opt}x{hw}"
                   f" --maxShapes=images:{batch.max}x{hw}")
     plugins = f" --dynamicPlugins={plugin_library}" if plugin_library else ""
@@ -65,13 +74,13 @@ def build_command_hint(onnx_path: Path, engine_path: Path, batch, img_size: int,
             f"{'' if tf32 else ' --noTF32'}{shapes}{plugins}")
 
 
-def build_engine(onnx_path: Path, engine_path: Path, batch=None, img_size: Optional[int] = None,
+def build_engine(onnx_path: Path, engine_path: Path, batch=None, img_size=None,
                  workspace_mib: int = 2048, timing_cache: Optional[Path] = None, plugin_library: Optional[Path] = None,
                  opt_level: int = 3, tf32: bool = False) -> Path:
     """Parse ``onnx_path`` into a strongly typed network and write a serialized engine atomically.
 
     A graph with a dynamic batch gets the optimization profile ``batch`` (min:opt:max) for its ``images``
-    input at ``img_size``; a graph with static shapes (a static-batch export, the one-layer plugin graphs
+    input at ``img_size`` (S, or (H, W)); a graph with static shapes (a static-batch export, the one-layer plugin graphs
     of ``cvig doctor``) needs none."""
     trt = tensorrt_module()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -101,7 +110,8 @@ def build_engine(onnx_path: Path, engine_path: Path, batch=None, img_size: Optio
             raise RuntimeError(f"{onnx_path} has dynamic inputs {dynamic}: an engine is built for a dynamic "
                                "batch of 'images' only, given its batch range and image size")
         profile = builder.create_optimization_profile()
-        shape = lambda b: (b, 3, img_size, img_size)  # noqa: E731
+        h, w = _hw(img_size)
+        shape = lambda b: (b, 3, h, w)  # noqa: E731
         profile.set_shape("images", shape(batch.min), shape(batch.opt), shape(batch.max))
         config.add_optimization_profile(profile)
     cache_bytes = Path(timing_cache).read_bytes() if timing_cache and Path(timing_cache).exists() else b""

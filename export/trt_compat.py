@@ -22,6 +22,10 @@ What is checked (sources: onnx-tensorrt ``docs/operators.md`` at ``10.1-GA``,
 * Q/DQ: scales build-time constants (a Constant, or a Constant through a Cast)
   and > 0; zero points absent or constant zeros.
 * ScatterElements / ScatterND with a reduction.
+* Tensor volume: no tensor may hold more than 2**31 - 1 elements (TensorRT's limit: the maintainers'
+  answers in NVIDIA/TensorRT#1948 and #2704, the parser's "tensor volume exceeds (2^31)-1" of #3324 for a
+  MatMul output, and convolutions still in 10.4 per #4123). The batch dimension is taken at the
+  largest batch the export records (``clustervig.batch``: B, or MIN:OPT:MAX).
 * Plugin nodes (by op_type, in any domain): ``CvigPartitionedKNN`` k in 1..64,
   ``CvigKMeans`` / ``CvigKMeansCentroids`` / ``CvigSegmentMean`` clusters >= 1 (and <= N),
   iters >= 0, ``CvigKMeansCentroids`` empty_zero 0 or 1,
@@ -65,6 +69,37 @@ SMEM_OPTIN_LIMITS: Dict[str, int] = {
     "sm_100": 227 * 1024,
     "sm_120": 99 * 1024,
 }
+
+
+TENSOR_MAX_ELEMENTS = 2**31 - 1  # per tensor (module docstring: NVIDIA/TensorRT#1948, #2704, #3324, #4123)
+
+
+def export_max_batch(model: onnx.ModelProto) -> Optional[int]:
+    """The largest batch an exported graph is built for: its ``clustervig.batch`` metadata (B, or MIN:OPT:MAX),
+    else a static batch dimension of its first input; None when neither says."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    try:
+        parts = [int(v) for v in meta.get("clustervig.batch", "").split(":") if v]
+    except ValueError:
+        parts = []
+    if parts:
+        return max(parts)
+    if model.graph.input:
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value"):
+            return int(dims[0].dim_value)
+    return None
+
+
+def _at_batch(shape: Optional[List[Optional[int]]], batch: Optional[int]) -> Optional[List[int]]:
+    """A static shape with an unknown leading (batch) dimension set to ``batch``; None if anything else is
+    unknown."""
+    if not shape:
+        return None
+    shape = list(shape)
+    if shape[0] is None and batch is not None:
+        shape[0] = batch
+    return shape if all(d is not None for d in shape) else None
 
 
 def kmeans_smem_bytes(n: int, c: int, clusters: int) -> int:
@@ -331,6 +366,7 @@ def check_tensorrt_ops(model: onnx.ModelProto, targets: Optional[Sequence[str]] 
         return TensorProto.DataType.Name(t) if t else "unknown"
 
     found: List[Finding] = []
+    batch = export_max_batch(model)
     for n in g.node:
         where = n.name or "<unnamed>"
 
@@ -341,6 +377,16 @@ def check_tensorrt_ops(model: onnx.ModelProto, targets: Optional[Sequence[str]] 
         if n.domain not in ("", "ai.onnx"):
             _check_plugin(n, dims, flag, limits)
             continue
+        for out in n.output:
+            shape = _at_batch(dims.get(out), batch)
+            volume = int(np.prod(shape, dtype=np.int64)) if shape is not None else 0
+            if volume > TENSOR_MAX_ELEMENTS:
+                per_image = volume // shape[0] if shape[0] else volume
+                fits = TENSOR_MAX_ELEMENTS // per_image if per_image else 0
+                flag(f"output {out} {shape} has {volume} elements, above TensorRT's limit of 2**31-1 per tensor"
+                     + (f" at batch {shape[0]}: a batch of at most {fits} fits" if fits and shape[0] > 1 else "")
+                     + ("; the padded k-NN layout with a capacity below N, or the plugin graph, keeps N x N "
+                        "similarities out of the graph" if op == "MatMul" else ""))
         if op == "ScatterElements" and _attr(n, "reduction", b"none") not in (b"none", "none"):
             flag("ScatterElements with a reduction needs NVIDIA's plugin library")
         elif op == "ScatterND" and _attr(n, "reduction", b"none") not in (b"none", "none"):
@@ -434,6 +480,71 @@ def _check_plugin(n: onnx.NodeProto, dims, flag, limits: Dict[str, int]) -> None
         else:
             flag(f"{what} is above the 48 KiB default: the kernel opts in (cudaFuncSetAttribute)"
                  + (f"; too large for {', '.join(short)}" if short else ""), "warning")
+
+
+_ELEMENT_BYTES = {TensorProto.FLOAT: 4, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2, TensorProto.INT64: 8,
+                  TensorProto.INT32: 4, TensorProto.INT8: 1, TensorProto.UINT8: 1, TensorProto.BOOL: 1,
+                  TensorProto.DOUBLE: 8}
+
+
+def memory_summary(model: onnx.ModelProto, top: Optional[int] = 8, batch: Optional[int] = None) -> Dict:
+    """What a TensorRT build of this graph has to hold, from its static shapes at ``batch`` (default: the
+    largest batch the export records, :func:`export_max_batch`):
+
+    * ``largest``: the ``top`` (None: all) largest intermediate tensors (graph inputs, outputs and weights left out), one
+      entry per (op, shape, type) with how many nodes produce one (``count``, e.g. once per block): ``op``,
+      ``example`` (a node), ``shape``, ``dtype``, ``bytes`` each;
+    * ``topk``: per distinct TopK, the reduced axis' length and K (TensorRT: K <= 3840);
+    * ``kmeans_smem``: per distinct plugin k-means node, its N, C, clusters and working set in bytes;
+    * ``max_elements``: the largest tensor's element count against :data:`TENSOR_MAX_ELEMENTS`.
+    """
+    batch = batch if batch is not None else export_max_batch(model)
+    g = _infer(model).graph
+    dims = _dims(g)
+    types: Dict[str, int] = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info)}
+    skip = {t.name for t in g.initializer} | {i.name for i in g.input} | {o.name for o in g.output}
+    rows: Dict[tuple, Dict] = {}
+    topk: Dict[tuple, Dict] = {}
+    smem: Dict[tuple, Dict] = {}
+    max_elements = 0
+    vals = None
+    for n in g.node:
+        if n.domain not in ("", "ai.onnx"):
+            if n.op_type in ("CvigKMeans", "CvigKMeansCentroids"):
+                shape = dims.get(n.input[0])
+                if shape is not None and len(shape) == 3 and shape[1] and shape[2]:
+                    k = _attr(n, "clusters", 4)
+                    key = (shape[1], shape[2], k)
+                    smem.setdefault(key, {"n": shape[1], "c": shape[2], "clusters": k,
+                                          "bytes": kmeans_smem_bytes(shape[1], shape[2], k), "count": 0})["count"] += 1
+            continue
+        if n.op_type == "TopK":
+            shape = dims.get(n.input[0])
+            if vals is None:
+                vals = _Values(g, dims)
+            kv = vals.full.get(n.input[1])
+            if shape:
+                axis = _attr(n, "axis", -1) % len(shape)
+                key = (shape[axis], None if kv is None else int(np.asarray(kv).reshape(-1)[0]))
+                topk.setdefault(key, {"axis_length": key[0], "k": key[1], "count": 0})["count"] += 1
+        for out in n.output:
+            if out in skip:
+                continue
+            shape = _at_batch(dims.get(out), batch)
+            t = types.get(out)
+            if shape is None or t not in _ELEMENT_BYTES:
+                continue
+            elements = int(np.prod(shape, dtype=np.int64))
+            max_elements = max(max_elements, elements)
+            key = (n.op_type, tuple(shape), t)
+            row = rows.setdefault(key, {"op": n.op_type, "example": n.name, "shape": list(shape),
+                                        "dtype": TensorProto.DataType.Name(t).lower(),
+                                        "bytes": elements * _ELEMENT_BYTES[t], "count": 0})
+            row["count"] += 1
+    largest = sorted(rows.values(), key=lambda r: -r["bytes"])[:top]
+    return {"batch": batch, "largest": largest, "topk": sorted(topk.values(), key=lambda r: -r["axis_length"]),
+            "kmeans_smem": list(smem.values()), "max_elements": max_elements,
+            "max_elements_limit": TENSOR_MAX_ELEMENTS}
 
 
 def tensorrt_op_issues(model: onnx.ModelProto) -> List[str]:
