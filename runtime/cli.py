@@ -11,9 +11,10 @@ import click
 import numpy as np
 
 from clustervig.cliutil import CTX, Progress, check_output_file, existing_file, write_json
-from clustervig.preprocess import ImageError
+from clustervig.preprocess import ImageError, spec_hw
 
 from .classify import class_names, classify_files
+from .features import extract_features, save_npz, summarize
 from .session import RuntimeErrorWithFix, open_session
 
 PLUGINS_LIB_HELP = ("libcvig_plugins.so, for TensorRT engines of the plugin graph (default: the one `cvig build-plugins` "
@@ -39,9 +40,14 @@ Examples:
   cvig-run out/model_fp16.onnx images/*.jpg -o results.json
   cvig-run out/model_fp16.plan photo.jpg --plugins-lib build/plugins/libcvig_plugins.so
   cvig-run out/model_fp16.plan photo.jpg --cuda-graph     # preprocess.json / model_fp16.json read from out/
+  cvig-run bb/model_fp32.onnx street.jpg -o maps.npz      # a backbone (cvig export --features): feature maps
 
 \b
 Images: PNG or JPEG (README, "Accepted images"), preprocessed as recorded at export.
+A backbone export returns feature maps, not classes: each image's maps are
+listed (shape, mean, std, max |x|; --json prints that as JSON) and -o FILE.npz
+writes the maps themselves (one [images, C, h, w] array per map name, and
+"files").
 An image that cannot be read (missing, corrupt, another format) is reported on
 stderr and left out; the others are classified and printed (and written with
 -o), and the exit status is 1 at the end. --strict stops at the first one
@@ -54,7 +60,7 @@ instead. Progress goes to stderr for long runs (not with --json).
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (with the full logits) to stdout instead of a table; "
               "no progress display.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="Also write the JSON results to this file.")
+              help="Also write the JSON results to this file (a backbone: its feature maps, to a .npz file).")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Class names, one per line (default: recorded at export, else the ImageNet-1k names for a "
                    "1000-class model, else class_<i>).")
@@ -64,7 +70,8 @@ instead. Progress goes to stderr for long runs (not with --json).
 @click.option("--plugins-lib", type=click.Path(path_type=Path), default=None, help=PLUGINS_LIB_HELP)
 @click.option("--cuda-graph", is_flag=True, help="TensorRT: capture each input shape into a CUDA graph and replay it.")
 def run_main(model, images, topk, batch, as_json, output, labels, strict, provider, plugins_lib, cuda_graph):
-    """Classify IMAGES with MODEL (.onnx or .plan/.engine), using the preprocessing recorded at export."""
+    """Classify IMAGES with MODEL (.onnx or .plan/.engine), using the preprocessing recorded at export; with a
+    backbone (cvig export --features) compute its named feature maps instead."""
     check_output_file(output, "-o/--output")
     unreadable: List[str] = []
 
@@ -73,24 +80,49 @@ def run_main(model, images, topk, batch, as_json, output, labels, strict, provid
         click.echo(f"skipped: {exc}", err=True)
 
     with _open(model, provider, plugins_lib, cuda_graph) as sess:
+        backbone = sess.is_backbone
+        if backbone and output is not None and output.suffix != ".npz":
+            raise click.UsageError(f"{model.name} is a backbone (a --features export): -o writes its feature maps as "
+                                   "NumPy arrays: give -o FILE.npz")
+        if backbone and labels is not None:
+            raise click.UsageError(f"--labels names classes, and {model.name} is a backbone (a --features export) "
+                                   "without any: drop --labels")
         try:
-            names = class_names(sess, labels)
             with Progress(f"cvig run {model.name}", len(images), enabled=not as_json) as bar:
-                results = classify_files(sess, list(images), batch=batch, topk=topk, names=names,
-                                         on_error=None if strict else report,
-                                         progress=lambda done: bar.update(done - bar.done))
+                if backbone:
+                    results = extract_features(sess, list(images), batch=batch, on_error=None if strict else report,
+                                               progress=lambda done: bar.update(done - bar.done))
+                else:
+                    names = class_names(sess, labels)
+                    results = classify_files(sess, list(images), batch=batch, topk=topk, names=names,
+                                             on_error=None if strict else report,
+                                             progress=lambda done: bar.update(done - bar.done))
         except (ImageError, ValueError, RuntimeErrorWithFix) as exc:
             raise click.ClickException(str(exc) + (" (--strict: stopped at the first unreadable image)"
                                                    if strict and isinstance(exc, ImageError) else "")) from None
-    if output is not None:
-        write_json(output, results)
-    if as_json:
-        click.echo(json.dumps(results, indent=2))
+    if backbone:
+        summaries = [summarize(r) for r in results]
+        if output is not None:
+            save_npz(output, results)
+        if as_json:
+            click.echo(json.dumps(summaries, indent=2))
+        else:
+            for r in summaries:
+                click.echo(r["file"])
+                for name, m in r["maps"].items():
+                    click.echo(f"  {name:<8} {'x'.join(map(str, m['shape'])):<14} mean {m['mean']:+.4f}  "
+                               f"std {m['std']:.4f}  max|x| {m['max_abs']:.4f}")
     else:
-        for r in results:
-            click.echo(r["file"])
-            for t in r["top"]:
-                click.echo(f"  {t['probability'] * 100:6.2f}%  {t['name']}  (class {t['class']}, logit {t['logit']:.3f})")
+        if output is not None:
+            write_json(output, results)
+        if as_json:
+            click.echo(json.dumps(results, indent=2))
+        else:
+            for r in results:
+                click.echo(r["file"])
+                for t in r["top"]:
+                    click.echo(f"  {t['probability'] * 100:6.2f}%  {t['name']}  (class {t['class']}, "
+                               f"logit {t['logit']:.3f})")
     if unreadable:
         raise click.ClickException(
             f"{len(unreadable)} of {len(images)} images could not be read and were left out (each named above"
@@ -100,11 +132,10 @@ def run_main(model, images, topk, batch, as_json, output, labels, strict, provid
 
 def bench(sess, batches: List[int], warmup: int, iters: int) -> List[dict]:
     """Latency percentiles and throughput of ``sess`` at each batch size (random inputs of the model's size)."""
-    spec = sess.preprocess
-    size = int(spec["img_size"])
+    h, w = spec_hw(sess.preprocess)
     rows = []
     for b in batches:
-        x = np.random.default_rng(0).standard_normal((b, 3, size, size)).astype(np.float32)
+        x = np.random.default_rng(0).standard_normal((b, 3, h, w)).astype(np.float32)
         for _ in range(warmup):
             sess.infer(x)
         lat = []

@@ -4,7 +4,8 @@
 Runtime (CPU by default; CUDA / TensorRT execution providers when installed
 and asked for; plugin graphs run with the CPU reference ops), ``.plan`` /
 ``.engine`` -> TensorRT. Both return FP32 logits for FP32 ``[B, 3, H, W]``
-images and expose the preprocessing recorded at export.
+images (a backbone exported with ``cvig export --features``: its feature maps
+by output name) and expose the preprocessing recorded at export.
 """
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ class RuntimeErrorWithFix(RuntimeError):
 
 class Session:
     """An open model: ``infer(images)`` -> FP32 logits, with the config and preprocessing recorded at export.
+
+    A backbone (``cvig export --features``; :attr:`is_backbone`) returns a dict of its feature maps instead,
+    ``{name: float32 [B, C, h, w]}`` in :attr:`output_names` order (``block15``, or ``p3``..``p6`` of the
+    feature pyramid); :attr:`outputs` gives each map's channels, stride and shape as recorded at export.
 
     Made by :func:`open_session`; use it as a context manager (``close()`` frees the runtime's resources).
     ``max_batch`` is the largest batch one call runs at once (``None``: any), ``static_batch`` whether the model
@@ -51,25 +56,55 @@ class Session:
         return json.loads(self.metadata.get("clustervig.config", "{}"))
 
     @property
+    def outputs(self) -> Optional[List[Dict]]:
+        """A backbone's maps as recorded at export (``name``, ``channels``, ``stride``, ``shape`` [C, h, w]);
+        None for a classifier."""
+        rec = self.metadata.get("clustervig.outputs")
+        return json.loads(rec) if rec else None
+
+    @property
+    def is_backbone(self) -> bool:
+        """Whether :meth:`infer` returns named feature maps (a ``--features`` export) rather than logits."""
+        return self.outputs is not None
+
+    @property
+    def output_names(self) -> List[str]:
+        return [o["name"] for o in self.outputs] if self.is_backbone else ["logits"]
+
+    def _named(self, arrays: Sequence[np.ndarray], names: Sequence[str]):
+        """The runtime's outputs as :meth:`infer` returns them: the logits, or a backbone's maps by name."""
+        if not self.is_backbone:
+            return np.asarray(arrays[0], dtype=np.float32)
+        by_name = dict(zip(names, arrays))
+        missing = [n for n in self.output_names if n not in by_name]
+        if missing:
+            raise RuntimeErrorWithFix(f"{self.path} records outputs {self.output_names} but has no {missing}: "
+                                      "export it again")
+        return {n: np.asarray(by_name[n], dtype=np.float32) for n in self.output_names}
+
+    @property
     def preprocess(self) -> Dict:
         pre = self.metadata.get("clustervig.preprocess")
         if pre is None:
             raise RuntimeErrorWithFix(f"{self.path} records no preprocessing (was it exported by cvig-export?)")
         return json.loads(pre)
 
-    def infer(self, images: np.ndarray) -> np.ndarray:
+    def infer(self, images: np.ndarray):
         raise NotImplementedError
 
-    def _infer_static(self, x: np.ndarray) -> np.ndarray:
+    def _infer_static(self, x: np.ndarray):
         """Feed a static-batch model in chunks of its batch, padding the last one."""
         b = self.max_batch
-        out: List[np.ndarray] = []
+        out: List = []
         for i in range(0, len(x), b):
             chunk = x[i : i + b]
             n = len(chunk)
             if n < b:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, axis=0)])
-            out.append(self.infer(chunk)[:n])
+            res = self.infer(chunk)
+            out.append({k: v[:n] for k, v in res.items()} if isinstance(res, dict) else res[:n])
+        if isinstance(out[0], dict):
+            return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
         return np.concatenate(out)
 
     def close(self) -> None:
@@ -122,11 +157,12 @@ class OrtSession(Session):
         self.max_batch = b if isinstance(b, int) else None
         self.static_batch = isinstance(b, int)
 
-    def infer(self, images: np.ndarray) -> np.ndarray:
+    def infer(self, images: np.ndarray):
         x = images.astype(np.float16 if self.input_fp16 else np.float32)
         if self.static_batch and x.shape[0] != self.max_batch:
             return self._infer_static(x)
-        return np.asarray(self.sess.run(None, {self.input_name: x})[0], dtype=np.float32)
+        outs = self.sess.run(None, {self.input_name: x})
+        return self._named(outs, [o.name for o in self.sess.get_outputs()])
 
 
 def _cuda_check(result, what: str):
@@ -227,7 +263,8 @@ class TrtSession(Session):
         self.context = engine.create_execution_context()
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.input_name = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
-        self.output_name = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        self.output_tensors = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.output_name = self.output_tensors[0]
         batch = int(engine.get_tensor_shape(self.input_name)[0])
         self.static_batch = batch > 0  # an engine from a static-batch ONNX has no optimization profile
         self.max_batch = batch if self.static_batch else int(engine.get_tensor_profile_shape(self.input_name, 0)[2][0])
@@ -235,7 +272,8 @@ class TrtSession(Session):
             int(shape[0]) for shape in engine.get_tensor_profile_shape(self.input_name, 0))
         self.metadata = engine_metadata(self.path)
         self._stream = _cuda_check(cudart.cudaStreamCreate(), "cudaStreamCreate")
-        self._in, self._out = _PinnedBuffer(), _PinnedBuffer()
+        self._in = _PinnedBuffer()
+        self._outs = {n: _PinnedBuffer() for n in self.output_tensors}  # a backbone has several outputs
         self._graphs: Dict[tuple, object] = {}
 
     @property
@@ -252,7 +290,7 @@ class TrtSession(Session):
         raise RuntimeErrorWithFix(f"{self.path}: tensor '{name}' has TensorRT type {t}; cvig runs engines with float32 "
                                   "or float16 images and logits: re-export without changing the I/O types, or with --fp16-io")
 
-    def infer(self, images: np.ndarray) -> np.ndarray:
+    def infer(self, images: np.ndarray):
         from cuda.bindings import runtime as cudart
 
         if images.ndim != 4 or images.shape[1] != 3:
@@ -264,17 +302,21 @@ class TrtSession(Session):
         if not self.context.set_input_shape(self.input_name, shape):
             raise RuntimeErrorWithFix(f"{self.path}: input shape {shape} is outside the engine's optimization profile "
                                       f"{tuple(tuple(s) for s in self.engine.get_tensor_profile_shape(self.input_name, 0))}")
-        out_shape = tuple(self.context.get_tensor_shape(self.output_name))
-        out_dtype = self._dtype(self.output_name)
-        out_bytes = int(np.prod(out_shape)) * np.dtype(out_dtype).itemsize
-        moved = self._in.ensure(x.nbytes) | self._out.ensure(out_bytes)
+        outs = {}
+        moved = self._in.ensure(x.nbytes)
+        for name, buf in self._outs.items():
+            out_shape = tuple(self.context.get_tensor_shape(name))
+            out_dtype = self._dtype(name)
+            outs[name] = (out_shape, out_dtype, int(np.prod(out_shape)) * np.dtype(out_dtype).itemsize)
+            moved |= buf.ensure(outs[name][2])
         if moved:
             self._drop_graphs()
         self._in.host_array(shape, x.dtype)[...] = x
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         _cuda_check(cudart.cudaMemcpyAsync(self._in.device, self._in.host, x.nbytes, h2d, self._stream), "input copy")
         self.context.set_tensor_address(self.input_name, int(self._in.device))
-        self.context.set_tensor_address(self.output_name, int(self._out.device))
+        for name, buf in self._outs.items():
+            self.context.set_tensor_address(name, int(buf.device))
         if self.cuda_graph:
             graph = self._graphs.get(shape)
             if graph is None:
@@ -282,9 +324,12 @@ class TrtSession(Session):
             _cuda_check(cudart.cudaGraphLaunch(graph, self._stream), "cudaGraphLaunch")
         elif not self.context.execute_async_v3(self._stream):
             raise RuntimeErrorWithFix(f"TensorRT execution of {self.path} failed (see the TensorRT log above)")
-        _cuda_check(cudart.cudaMemcpyAsync(self._out.host, self._out.device, out_bytes, d2h, self._stream), "output copy")
+        for name, buf in self._outs.items():
+            _cuda_check(cudart.cudaMemcpyAsync(buf.host, buf.device, outs[name][2], d2h, self._stream), "output copy")
         _cuda_check(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
-        return self._out.host_array(out_shape, out_dtype).astype(np.float32)  # a copy: the pinned buffer is reused
+        # copies (astype): the pinned buffers are reused
+        arrays = [self._outs[n].host_array(*outs[n][:2]).astype(np.float32) for n in self.output_tensors]
+        return self._named(arrays, self.output_tensors)
 
     def _capture(self):
         """Capture one enqueue of the current shape into an executable CUDA graph."""
@@ -319,7 +364,8 @@ class TrtSession(Session):
         cudart.cudaStreamSynchronize(self._stream)
         self._drop_graphs()
         self._in.free()
-        self._out.free()
+        for buf in self._outs.values():
+            buf.free()
         cudart.cudaStreamDestroy(self._stream)
         self._stream = None
 
@@ -379,7 +425,8 @@ def open_session(path, providers: Optional[Sequence[str]] = None, plugin_library
 
     Returns:
         A :class:`Session`: ``infer(images)`` takes float32 ``[B, 3, H, W]`` images preprocessed as
-        ``session.preprocess`` says and returns float32 logits ``[B, classes]``; larger batches than the model
+        ``session.preprocess`` says and returns float32 logits ``[B, classes]`` (a backbone: ``{name: float32
+        [B, C, h, w]}``, ``session.outputs``); larger batches than the model
         takes are run in chunks. Use it as a context manager.
 
     Raises:
