@@ -526,7 +526,11 @@ def _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io
                     "photographs so the numbers are meaningful). Do not deploy this model.", fg="yellow", err=True)
         # all sample photographs, whatever the batch: statistics of a single image
         # zero the head's BatchNorm (one pooled vector has no variance) and the logits with it
+        knn_before = model.cfg.knn
+        if model.cfg.knn_mode == "padded" and (model.cfg.capacity or model.cfg.tokens) >= model.cfg.tokens:
+            model.set_form("static", knn="masked")  # exact capacity: the masked layout's result, N^2 not kappa N^2
         calibrate_batchnorm(model, [sample_photographs(transform_spec(model.cfg))])
+        model.set_form("static", knn=knn_before)
     if model.load_notes.get("untrained"):
         click.secho(f"note: {', '.join(model.load_notes['untrained'])} (the feature pyramid's transposed convolution) "
                     "are not in the checkpoint: they keep their initialisation, untrained until a detector trains "

@@ -131,3 +131,26 @@ def test_partition_layout_slots():
     assert slot_token[0][slot_valid[0]].tolist() == [1, 4, 3, 0, 2, 5]
     assert token_slot[0].tolist() == [6, 0, 7, 3, 1, 8]
     assert not overflow.any()
+
+
+def test_topk_desc_orders_ties_by_lower_index_like_a_stable_sort():
+    # eager topk_desc takes torch.topk's set and repairs tie order (rows with a tie across the cut take a full
+    # sort): against numpy's stable argsort of the negated values, on rows full of ties
+    import numpy as np
+
+    from clustervig.graph import topk_desc
+
+    rng = np.random.default_rng(3)
+    for trial in range(150):
+        n = int(rng.integers(1, 200))
+        k = int(rng.integers(1, n + 1))
+        x = rng.integers(-3, 3, size=(2, 4, n)).astype(np.float32) if trial % 2 else \
+            rng.standard_normal((2, 4, n)).astype(np.float32)
+        if trial % 5 == 0:
+            x[..., ::3] = -1e4  # the masked layout's sentinel: many equal values at the cut
+        if trial % 7 == 0:
+            x[1, 2, :] = 0.25  # a row of identical tokens
+        v, i = topk_desc(torch.from_numpy(x), k)
+        order = np.argsort(-x, axis=-1, kind="stable")[..., :k]
+        np.testing.assert_array_equal(i.numpy(), order)
+        np.testing.assert_array_equal(v.numpy(), np.take_along_axis(x, order, -1))
