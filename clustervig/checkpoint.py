@@ -61,8 +61,13 @@ def load_torch_file(path: PathLike, what: str = "checkpoint", safe_globals: Sequ
         with torch.serialization.safe_globals(list(safe_globals)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" not in str(exc) and "Weights only" not in str(exc):
-            raise CheckpointError(f"{what} {path} could not be read, it is truncated or corrupt ({_first_line(exc)}); "
+        # the weights-only unpickler names what it refused: a global (a class or function), a class to build or a
+        # function to call; anything else it reports (an unknown operand, a bad type) is a damaged file
+        if not re.search(r"GLOBAL|global:|allowlisted|unsupported class|reduce for", str(exc), re.I):
+            fmt = "" if zipped else " in a legacy pickle file"
+            why = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+            detail = f"UnpicklingError: {why.group(1).strip()}" if why else _first_line(exc)
+            raise CheckpointError(f"{what} {path} could not be read, it is truncated or corrupt ({detail}{fmt}); "
                                   f"{resave}") from None
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         objects = f" ({found.group(1)})" if found else ""

@@ -140,6 +140,9 @@ def _damaged_files(tmp_path, good):
         "half.pth": (data[: len(data) // 2], "truncated or corrupt (RuntimeError: PytorchStreamReader failed reading zip archive"),
         "head.pth": (data[:64], "truncated or corrupt"),
         "legacy-cut.pth": (legacy.read_bytes()[:-16], "in a legacy pickle file); "),
+        # a legacy pickle header then garbage: torch's weights-only unpickler stops at it (not a refused object)
+        "pickle-garbage.pth": (b"\x80\x02not a checkpoint", "truncated or corrupt (UnpicklingError: Unsupported operand "
+                                                             "110 in a legacy pickle file); "),
         "page.pth": (b"<!DOCTYPE html><html>Not Found</html>", "could not be read: it is not a PyTorch checkpoint (its first bytes are b'<!DOCTYPE html><', a web page"),
     }
 
