@@ -16,7 +16,8 @@ from clustervig.cli import COMMANDS, cvig
 
 ENTRY_POINTS = {"export": "cvig-export", "compare": "cvig-compare", "run": "cvig-run", "bench": "cvig-bench",
                 "accuracy": "cvig-accuracy", "profile": "cvig-profile", "train-digits": "cvig-train-digits",
-                "convert": "cvig-convert", "train-photos": "cvig-train-photos", "dataset": "cvig-dataset"}
+                "convert": "cvig-convert", "train-photos": "cvig-train-photos", "dataset": "cvig-dataset",
+                "doctor": "cvig-doctor", "build-plugins": "cvig-build-plugins"}
 
 
 def subcommand(name: str) -> click.Command:
