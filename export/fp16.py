@@ -160,14 +160,26 @@ def float_tensor_ranges(model: onnx.ModelProto, batches: Iterable[np.ndarray]) -
     g = probe.graph
     del g.output[:]
     outs = []
+    probes: Dict[str, List[onnx.NodeProto]] = {}
     for i, t in enumerate(tensors):
         a, m = f"range_probe/{i}/abs", f"range_probe/{i}/amax"
-        g.node.extend([helper.make_node("Abs", [t], [a], name=f"range_probe/{i}/Abs"),
-                       helper.make_node("ReduceMax", [a], [m], name=f"range_probe/{i}/ReduceMax", keepdims=0)])
+        probes[t] = [helper.make_node("Abs", [t], [a], name=f"range_probe/{i}/Abs"),
+                     helper.make_node("ReduceMax", [a], [m], name=f"range_probe/{i}/ReduceMax", keepdims=0)]
         g.output.append(helper.make_tensor_value_info(m, F32, []))
         outs.append(m)
+    # each probe right after the node that makes its tensor, and ONNX Runtime's priority-based order (ready
+    # nodes by graph position) runs it there, so a tensor is freed once its consumers and probe have run; the
+    # default order ran every probe after the whole graph, keeping all its tensors alive at once (cvig_s at
+    # 800 x 1344, one image: 13.7 GB peak, 1.8 GB this way)
+    nodes = [pn for t in tensors if t not in {o for n in g.node for o in n.output} for pn in probes[t]]
+    for n in g.node:
+        nodes.append(n)
+        nodes += [pn for o in n.output if o in probes for pn in probes[o]]
+    del g.node[:]
+    g.node.extend(nodes)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     inp = model.graph.input[0].name
     static_b = model.graph.input[0].type.tensor_type.shape.dim[0].dim_value  # 0: dynamic
