@@ -25,7 +25,7 @@ import clustervig
 from clustervig.checkpoint import CheckpointError, recorded_config
 from clustervig.checkpoint import build_model as build_checked_model
 from clustervig.cliutil import CTX, MODEL_NAME, existing_file, model_help
-from clustervig.preprocess import sample_photographs, transform_spec
+from clustervig.preprocess import sample_photographs, spec_hw, transform_spec
 from clustervig.runtime.session import RuntimeErrorWithFix, engine_metadata, plugin_library_for
 
 from .onnx_export import INPUT, OUTPUT, get_metadata
@@ -50,8 +50,7 @@ class TorchRunner(BaseRunner):
         self.model.eval()
 
     def get_input_metadata_impl(self):
-        s = self.model.cfg.img_size
-        return TensorMetadata().add(INPUT, np.float32, (-1, 3, s, s))
+        return TensorMetadata().add(INPUT, np.float32, (-1, 3, *self.model.cfg.img_hw))
 
     def infer_impl(self, feed_dict):
         start = time.perf_counter()
@@ -61,6 +60,9 @@ class TorchRunner(BaseRunner):
                 x = (x - self.normalize[0]) / self.normalize[1]
             out = self.model(x)
         self.inference_time = time.perf_counter() - start  # Polygraphy's Comparator sums these
+        outs = self.model.cfg.feature_outputs()  # a backbone: its maps, named as the exported graph's outputs
+        if outs is not None:
+            return OrderedDict((o["name"], t.numpy()) for o, t in zip(outs, out))
         return OrderedDict([(OUTPUT, out.numpy())])
 
     def deactivate_impl(self) -> None:
@@ -119,17 +121,32 @@ IMAGENET_SPEC = {"img_size": 224, "crop_pct": 0.9, "interpolation": "bicubic",
 def feeds(spec: Dict, batch: int, kind: str) -> List[Dict[str, np.ndarray]]:
     """Up to four batches of the four sample photographs preprocessed by ``spec`` (the preprocessing the
     artifacts record; with normalize_in_graph, RGB in [0, 1]), or of random tensors."""
-    size = int(spec["img_size"])
+    h, w = spec_hw(spec)
     if kind == "photos":
         pre = dict(spec)
         if spec.get("normalize_in_graph"):
             pre.update(mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
         x = sample_photographs(pre)
     else:
-        x = torch.randn(max(batch, 4), 3, size, size, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(max(batch, 4), 3, h, w, generator=torch.Generator().manual_seed(0))
     reps = -(-batch // len(x))
     x = x.repeat(reps, 1, 1, 1)
     return [{INPUT: x[i : i + batch].numpy()} for i in range(0, len(x) - batch + 1, batch)][:4]
+
+
+def _recorded_shape(artifact: Path) -> Dict:
+    """The input size and backbone outputs an artifact records (empty for a classifier at its variant's size):
+    the options that rebuild its model from a checkpoint trained at another size or as a classifier."""
+    try:
+        meta = get_metadata(onnx.load(str(artifact), load_external_data=False)) if artifact.suffix == ".onnx" \
+            else engine_metadata(artifact)
+    except Exception:
+        return {}
+    cfg = json.loads(meta.get("clustervig.config", "{}"))
+    if not cfg.get("features_only"):
+        return {}
+    return {"img_size": cfg["img_size"], "features_only": True, "out_indices": cfg.get("out_indices"),
+            "feature_pyramid": bool(cfg.get("feature_pyramid"))}
 
 
 def _describe(spec: Optional[Dict], cfg: Dict) -> str:
@@ -249,7 +266,7 @@ def run_compare(artifacts: List[Path], model: Optional[clustervig.ClusterViG], a
         mismatch = (spec is not None and not _same_model_inputs(mspec, spec)) or \
             (art_cfg and (art_cfg.get("name"), art_cfg.get("num_classes")) != (model.cfg.name, model.cfg.num_classes))
         sizes = {r[3] for r in recorded if r[3]}
-        if sizes and sizes != {(model.cfg.img_size, model.cfg.img_size)}:
+        if sizes and sizes != {model.cfg.img_hw}:
             mismatch = True
         if mismatch:
             raise click.ClickException(
@@ -328,6 +345,7 @@ def main(artifacts, checkpoint, model_name, atol, rtol, inputs, batch, plugins_l
     model = None
     if checkpoint is not None:
         existing_file(checkpoint, "checkpoint")
+        shape = _recorded_shape(artifacts[0])  # a backbone export: the same size and outputs from the checkpoint
         try:
             if model_name is None and recorded_config(checkpoint) is None:
                 # a plain state_dict: the variant the ONNX metadata records
@@ -337,9 +355,10 @@ def main(artifacts, checkpoint, model_name, atol, rtol, inputs, batch, plugins_l
                 if not cfg:
                     raise click.UsageError(f"checkpoint {checkpoint} records no model and {artifacts[0]} no config: "
                                            "give --model NAME")
-                model = build_checked_model(cfg["name"], checkpoint, cfg["num_classes"], gcn=cfg["gcn"])
+                model = build_checked_model(cfg["name"], checkpoint, None if shape else cfg["num_classes"],
+                                            gcn=cfg["gcn"], **shape)
             else:
-                model = build_checked_model(model_name, checkpoint)
+                model = build_checked_model(model_name, checkpoint, **shape)
         except (CheckpointError, ValueError, RuntimeErrorWithFix) as exc:
             raise click.ClickException(str(exc)) from None
         model.eval()

@@ -124,3 +124,20 @@ def test_cvig_bench_times_a_non_square_backbone(artifacts, tmp_path):
     assert res.exit_code == 0, res.output
     rows = json.loads(out.read_text())["rows"]
     assert [r["batch"] for r in rows] == [1, 3] and all(r["latency_ms_p50"] > 0 for r in rows)
+
+
+def test_cvig_compare_on_backbone_artifacts(model, artifacts, tmp_path):
+    from clustervig import save_checkpoint
+    from clustervig.export.compare import main as compare_main
+
+    # every map of every artifact against the first, and the PyTorch model (from a checkpoint) first of all
+    ck = save_checkpoint(model, tmp_path / "bb.pth")
+    res = CliRunner().invoke(compare_main, [str(artifacts / "static.onnx"), str(artifacts / "plugins.onnx"),
+                                            str(artifacts / "dynamic.onnx"), "--checkpoint", str(ck)])
+    assert res.exit_code == 0 and res.output.strip().endswith("PASSED"), res.output
+    assert res.output.count("PASSED (") == 3  # plugins, dynamic and the ONNX graphs vs PyTorch
+    # a checkpoint trained as a 224-px classifier gives a backbone of other weights: compared, it fails
+    other = make_model("cvig_nano", seed=1)
+    ck2 = save_checkpoint(other, tmp_path / "clf.pth")
+    res = CliRunner().invoke(compare_main, [str(artifacts / "static.onnx"), "--checkpoint", str(ck2)])
+    assert res.exit_code == 1 and "FAILED" in res.output, res.output
