@@ -196,3 +196,31 @@ def test_tensor_volume_above_two_to_the_31_is_flagged_at_the_largest_batch():
     line = bad[0].line()
     assert "[122, 4200, 4200] has 2152080000 elements" in line and "a batch of at most 121 fits" in line
     assert not check_tensorrt_ops(_matmul_graph(4200))  # no batch recorded: nothing is guessed
+
+
+def test_detection_resolution_needs_as_docs_tensorrt_md_states(tmp_path):
+    # docs/tensorrt.md section 9, on cvig_s's own block at 800 x 1344 (N = 50 x 84 = 4200, C = 320, kappa 4;
+    # one block of the 16: every block has these shapes): the masked similarity, the TopK sizes, the batch at
+    # which a tensor passes 2**31 - 1 elements, and the plugin k-means working set
+    torch.manual_seed(0)
+    from clustervig import create_model
+    from clustervig.utils import calibrate_batchnorm
+
+    model = create_model("cvig_s", img_size=(800, 1344), features_only=True, depth=1, knn="masked")
+    calibrate_batchnorm(model, [varied_images(1, (800, 1344), seed=3)])
+    path = tmp_path / "s.onnx"
+    export_onnx(model, path, BatchSpec(1, 1, 121))
+    g = onnx.load(str(path))
+    s = memory_summary(g)
+    sim = [r for r in s["largest"] if r["example"].endswith("/knn/MatMul")]
+    assert sim[0]["shape"] == [121, 4200, 4200] and sim[0]["bytes"] == 121 * 4200 * 4200 * 4
+    assert [(r["axis_length"], r["k"]) for r in s["topk"]] == [(4200, 9)]
+    assert not check_tensorrt_ops(g)  # batch 121: 2,134,440,000 elements, below 2**31 - 1
+    helper.set_model_props(g, {"clustervig.batch": "1:1:122"})
+    bad = check_tensorrt_ops(g)
+    assert bad and {f.op for f in bad} >= {"MatMul"} and "a batch of at most 121 fits" in bad[0].line()
+    pg, _ = to_plugin_graph(onnx.load(str(path)))
+    smem = memory_summary(pg)["kmeans_smem"]
+    assert smem == [{"n": 4200, "c": 320, "clusters": 4, "bytes": 38768, "count": 1}]
+    assert not [f for f in check_tensorrt_ops(pg) if "working set" in f.message]  # below 48 KiB: no opt-in
+    assert kmeans_smem_bytes(5498, 320, 4) <= 48 * 1024 < kmeans_smem_bytes(5499, 320, 4)
