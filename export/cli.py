@@ -22,8 +22,8 @@ import clustervig
 from clustervig.checkpoint import CheckpointError, read_checkpoint
 from clustervig.checkpoint import build_model as build_checked_model
 from clustervig.checkpoint import model_config
-from clustervig.cliutil import CTX, Terminated, check_output_dir, check_output_file, existing_file, signals_deferred, \
-    terminate_as_interrupt
+from clustervig.cliutil import CTX, MODEL_NAME, Terminated, check_output_dir, check_output_file, existing_file, \
+    signals_deferred, terminate_as_interrupt
 from clustervig.graph import kmeans_labels
 from clustervig.preprocess import ImageError, load_image, sample_photographs, transform_spec
 from clustervig.registry import get_config
@@ -185,7 +185,7 @@ def parse_islands(text: str) -> List[str]:
 
 
 @click.command(epilog=EXAMPLES, context_settings=CTX)
-@click.option("--model", "model_name", type=click.Choice(clustervig.list_models()), default=None,
+@click.option("--model", "model_name", type=MODEL_NAME, default=None,
               help="Variant to export. May be omitted when --checkpoint was saved by clustervig (it records its variant).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Weights (.pth). Absent: random weights, BN calibrated on sample photos - loudly warned.")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -319,7 +320,10 @@ def test_interrupted_export_leaves_the_folder_as_it_was(tmp_path, digits_int8_ex
                                 per_class=1)
     proc = subprocess.Popen([sys.executable, "-m", "clustervig.export.cli", "--checkpoint", str(WEIGHTS_DIR / "cvig_digits.pth"),
                              "--int8", "--calib-dir", str(calib2), "--calib-method", "max", "-o", str(out)],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            # the child must take Ctrl-C even when the suite runs in the background (`nohup ... &`
+                            # starts it with SIGINT ignored, and an ignored signal stays ignored across exec)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in proc.stderr:  # the validation starts after the INT8 calibration finished
         seen.append(line)
