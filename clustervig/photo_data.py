@@ -1,7 +1,8 @@
 """Photo patches: a labelled data set of real image content at 224 px, made offline from scikit-image.
 
 ImageNet cannot be downloaded here; scikit-image ships real photographs and
-textures. Each of :data:`SOURCES` is one class. Every source image is cut in
+textures. Each of :data:`SOURCES` is one class, and no two sources are the
+same image (the loader hashes them and refuses a duplicate). Every source image is cut in
 two regions along its longer side, the first two thirds for training and the
 last third for testing, so no test crop overlaps a training crop. A sample is
 a square crop of random side (35-100 % of the region's shorter side) at a
@@ -16,16 +17,21 @@ split, so a split is identical on every machine.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+import hashlib
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .data import Split, write_image_folder
 
-# 16 scikit-image images that ship with the package (no download): photographs, scans and textures
-SOURCES = ("astronaut", "brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel", "grass",
-           "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "retina", "rocket")
+# 16 distinct scikit-image images that ship inside the package (no download): photographs, scans and textures.
+# skimage.data.cat() is chelsea() (the same pixels), so it is not a source; "motorcycle" is the left view of
+# stereo_motorcycle() (a colour photograph, 500 x 741; the right view is nearly the same picture, so not a source).
+SOURCES = ("astronaut", "brick", "camera", "chelsea", "clock", "coffee", "coins", "colorwheel", "grass",
+           "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "motorcycle", "retina", "rocket")
+# sources that are not a skimage.data function of the same name: name -> how to get the image from skimage.data
+_LOADERS = {"motorcycle": lambda data: data.stereo_motorcycle()[0]}
 TRAIN_FRACTION = 2 / 3
 MIN_SIDE, MAX_SIDE = 0.35, 1.0
 JITTER = 0.2
@@ -35,12 +41,37 @@ def source_rgb(name: str) -> np.ndarray:
     """One source image as uint8 RGB [H, W, 3] (grayscale repeated, alpha dropped)."""
     from skimage import data
 
-    a = np.asarray(getattr(data, name)())
+    a = np.asarray(_LOADERS[name](data) if name in _LOADERS else getattr(data, name)())
     if a.dtype == bool:
         a = a.astype(np.uint8) * 255
     if a.ndim == 2:
         a = np.stack([a] * 3, axis=-1)
     return np.ascontiguousarray(a[..., :3].astype(np.uint8))
+
+
+def source_digest(img: np.ndarray) -> str:
+    """SHA-256 of a source image's shape and pixels (as :func:`source_rgb` returns it)."""
+    h = hashlib.sha256(repr((img.shape, str(img.dtype))).encode())
+    h.update(np.ascontiguousarray(img).tobytes())
+    return h.hexdigest()
+
+
+def distinct_sources(sources: Sequence[str] = SOURCES) -> Dict[str, np.ndarray]:
+    """name -> :func:`source_rgb` image for every source; ValueError naming both classes when two sources
+    are the same image (identical pixels: one would be two labels for one picture) or a name is repeated."""
+    images: Dict[str, np.ndarray] = {}
+    seen: Dict[str, str] = {}
+    for name in sources:
+        if name in images:
+            raise ValueError(f"photo-patches source {name!r} is listed twice: every class needs its own image")
+        img = source_rgb(name)
+        digest = source_digest(img)
+        if digest in seen:
+            raise ValueError(f"photo-patches sources {seen[digest]!r} and {name!r} are the same image "
+                             f"(sha256 {digest[:16]}...): two classes would have identical content")
+        seen[digest] = name
+        images[name] = img
+    return images
 
 
 def regions(img: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -107,11 +138,12 @@ def photo_patches_part(part: int, per_class: int, size: int = 224, seed: int = 0
         raise ValueError(f"part must be 0 (training) or 1 (held out), not {part}")
     if per_class < 1:
         raise ValueError(f"per_class must be at least 1, not {per_class}")
+    images = distinct_sources(sources)
     rng = np.random.default_rng([seed, part])
     raws: List[np.ndarray] = []
     labels: List[int] = []
     for label, name in enumerate(sources):
-        region = regions(source_rgb(name))[part]
+        region = regions(images[name])[part]
         raws.append(random_crops(region, per_class, size, rng))
         labels += [label] * per_class
     raw = np.concatenate(raws)

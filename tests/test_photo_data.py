@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import clustervig
-from clustervig.photo_data import SOURCES, photo_patches_split, regions, source_rgb
+from clustervig import photo_data
+from clustervig.photo_data import SOURCES, distinct_sources, photo_patches_part, photo_patches_split, regions, source_rgb
 
 
 def test_every_source_splits_into_disjoint_regions():
@@ -18,6 +19,54 @@ def test_every_source_splits_into_disjoint_regions():
         # the two regions tile the image exactly, so a crop inside one never overlaps the other
         np.testing.assert_array_equal(np.concatenate([tr, te], axis=axis), img)
         assert tr.shape[axis] > te.shape[axis] > 0 and min(te.shape[:2]) >= 64, name
+
+
+def test_every_source_is_a_distinct_image_shipped_with_scikit_image(monkeypatch):
+    import hashlib
+    import socket
+
+    def no_network(*a, **k):
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    images = {}
+    for name in SOURCES:
+        try:
+            images[name] = source_rgb(name)
+        except pytest.skip.Exception as e:  # scikit-image skips a pytest case whose data it would have to download
+            pytest.fail(f"source {name!r} is not bundled with scikit-image: {e}")
+    # 16 classes, 16 different pictures: SHA-256 of every source's pixels, and pixel comparison of every pair
+    digests = {hashlib.sha256(img.tobytes()).hexdigest() + str(img.shape): n for n, img in images.items()}
+    assert len(SOURCES) == 16 and len(set(SOURCES)) == 16 and len(digests) == 16
+    for i, a in enumerate(SOURCES):
+        for b in SOURCES[i + 1:]:
+            assert not np.array_equal(images[a], images[b]), (a, b)
+    # the replacement for the duplicate is scikit-image's colour motorcycle photograph (left stereo view)
+    from skimage import data
+
+    np.testing.assert_array_equal(images["motorcycle"], data.stereo_motorcycle()[0])
+    assert images["motorcycle"].shape == (500, 741, 3) and np.abs(np.diff(images["motorcycle"].astype(int), axis=2)).mean() > 10
+    # the loader returns exactly these images
+    assert all(np.array_equal(v, images[k]) for k, v in distinct_sources().items())
+
+
+def test_a_duplicate_source_is_refused(monkeypatch):
+    from skimage import data
+
+    # scikit-image's cat() and chelsea() are the same picture: the duplicate this data set once had
+    assert np.array_equal(data.cat(), data.chelsea())
+    with pytest.raises(ValueError, match="sources 'cat' and 'chelsea' are the same image"):
+        photo_patches_split(1, 1, size=32, sources=("astronaut", "cat", "chelsea"))
+    with pytest.raises(ValueError, match="'rocket' is listed twice"):
+        photo_patches_part(1, 1, size=32, sources=("rocket", "coffee", "rocket"))
+    # a planted duplicate under another name: "rocket" made to load the astronaut picture
+    monkeypatch.setitem(photo_data._LOADERS, "rocket", lambda d: d.astronaut())
+    with pytest.raises(ValueError, match="sources 'astronaut' and 'rocket' are the same image"):
+        photo_patches_part(0, 1, size=32)
+    # the same picture in grey is a different image (distinct pixels), accepted
+    monkeypatch.setitem(photo_data._LOADERS, "rocket", lambda d: d.astronaut().mean(axis=2).astype(np.uint8))
+    assert photo_patches_part(0, 1, size=32).raw.shape == (16, 32, 32, 3)
 
 
 def test_split_is_deterministic_balanced_and_normalised():

@@ -21,13 +21,13 @@ from clustervig.preprocess import transform_spec
 from clustervig.train import WEIGHTS_DIR
 
 CKPT = WEIGHTS_DIR / "cvig_photos.pth"
-# Measured on this slice by the code below (bench.trained224 measures the whole split): FP32 top-1 0.625;
-# FP16 (default islands) top-1 agreement 1.0, cosine mean 0.9998, labels 0.936; INT8 (max, 16 calibration
-# crops) top-1 agreement 0.9375, cosine mean 0.9951, labels 0.759. Gates: one or two images (of 32) and
+# Measured on this slice by the code below (bench.trained224 measures the whole split): FP32 top-1 0.594 (19 of
+# 32); FP16 (default islands) top-1 agreement 0.969 (31 of 32), cosine mean 0.9998, labels 0.915; INT8 (max, 16
+# calibration crops) top-1 agreement 1.0, cosine mean 0.9962, labels 0.753. Gates: one or two images (of 32) and
 # a few points of label agreement below that.
 GATES = {
-    "fp32_top1": 0.59,
-    "fp16": {"top1_agreement": 0.96, "cosine_mean": 0.999, "label_agreement": 0.90},
+    "fp32_top1": 0.56,
+    "fp16": {"top1_agreement": 0.93, "cosine_mean": 0.999, "label_agreement": 0.90},
     "int8": {"top1_agreement": 0.87, "cosine_mean": 0.99, "label_agreement": 0.70},
 }
 
