@@ -157,3 +157,31 @@ def calibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor]) -> nn.Modul
         for h in handles:
             h.remove()
     return model
+
+
+def thread_cap() -> int:
+    """The thread count that ``OMP_NUM_THREADS`` asks for (torch reads it itself at start-up), or 0 when it is
+    unset or not a positive integer (then every library takes all cores)."""
+    try:
+        n = int(os.environ.get("OMP_NUM_THREADS", "").strip() or 0)
+    except ValueError:
+        return 0
+    return max(n, 0)
+
+
+def ort_session_options(threads: int = 0):
+    """``onnxruntime.SessionOptions`` for the CPU sessions of every cvig tool: warnings off; ``threads`` intra-op
+    threads when given, else as many as ``OMP_NUM_THREADS`` asks for, and then threads that sleep instead of
+    spinning between operators. ONNX Runtime ignores ``OMP_NUM_THREADS`` itself; without a cap it takes every
+    core and spin-waits, which slows everything else when several exports or test workers share a machine."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    elif thread_cap():
+        opts.intra_op_num_threads = thread_cap()
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts

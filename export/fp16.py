@@ -150,6 +150,7 @@ def float_tensor_ranges(model: onnx.ModelProto, batches: Iterable[np.ndarray]) -
     at a time (the last chunk padded with its last image). NaN counts as inf.
     """
     import onnxruntime as ort
+    from clustervig.utils import ort_session_options
 
     types = _elem_types(model)
     inits = {t.name for t in model.graph.initializer}
@@ -177,8 +178,7 @@ def float_tensor_ranges(model: onnx.ModelProto, batches: Iterable[np.ndarray]) -
         nodes += [pn for o in n.output if o in probes for pn in probes[o]]
     del g.node[:]
     g.node.extend(nodes)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts = ort_session_options()
     opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     inp = model.graph.input[0].name

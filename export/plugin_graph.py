@@ -262,8 +262,8 @@ def ort_session(model: onnx.ModelProto):
     import onnxruntime as ort
 
     from clustervig.plugins.ort_ops import register
+    from clustervig.utils import ort_session_options
 
-    so = ort.SessionOptions()
+    so = ort_session_options()
     so.register_custom_ops_library(register())
-    so.log_severity_level = 3
     return ort.InferenceSession(for_onnxruntime(model).SerializeToString(), so, providers=["CPUExecutionProvider"])

@@ -107,6 +107,7 @@ class OrtModel:
 
     def __init__(self, path: Union[Path, onnx.ModelProto], with_graph_outputs: bool = True) -> None:
         import onnxruntime as ort
+        from clustervig.utils import ort_session_options
 
         if isinstance(path, onnx.ModelProto):  # an in-memory graph, e.g. the FP16 emulation
             self.path, model = None, path
@@ -123,9 +124,7 @@ class OrtModel:
 
             self.session = ort_session(model)
         else:
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3
-            self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(model.SerializeToString(), ort_session_options(), providers=["CPUExecutionProvider"])
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_type = np.float16 if "float16" in self.session.get_inputs()[0].type else np.float32
         self.denormalize = in_graph_normalization(model)

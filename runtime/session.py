@@ -121,6 +121,7 @@ class OrtSession(Session):
     def __init__(self, path: Path, providers: Optional[Sequence[str]] = None, threads: int = 0) -> None:
         import onnx
         import onnxruntime as ort
+        from clustervig.utils import ort_session_options
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -143,10 +144,7 @@ class OrtSession(Session):
 
                 self.sess = ort_session(model)
             else:
-                opts = ort.SessionOptions()
-                opts.log_severity_level = 3
-                if threads:
-                    opts.intra_op_num_threads = threads
+                opts = ort_session_options(threads)
                 self.sess = ort.InferenceSession(model.SerializeToString(), opts, providers=wanted)
         except Exception as exc:
             raise RuntimeErrorWithFix(f"ONNX Runtime cannot load {self.path}: {str(exc).splitlines()[0][:200]}") from None

@@ -18,6 +18,9 @@ collect_ignore_glob = [] if os.environ.get("CVIG_TEST_INSTALLED") else ["install
 # under pytest-xdist the cores are shared by the workers: one worker's torch must not take them all
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(4, (os.cpu_count() or 1) // _WORKERS)))
+# ... nor its children's: the tools the tests start (cvig export, cvig-run, ...) read OMP_NUM_THREADS for torch and,
+# through clustervig.utils.ort_session_options, for ONNX Runtime, whose threads then sleep instead of spin-waiting
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 
 def make_model(name: str = "cvig_nano", gcn: str = "mr", seed: int = 0, calib_images=None, **kw):
@@ -51,6 +54,20 @@ def varied_images(b: int, size=224, seed: int = 0) -> torch.Tensor:
     freq = 1 + 4 * torch.rand(b, 3, 1, 1, generator=g)
     wave = torch.sin(freq * (xx + yy) * 3.14159)
     return offset + scale * (torch.randn(b, 3, h, w, generator=g) + wave)
+
+
+@pytest.fixture(scope="module")
+def nano_ckpt(tmp_path_factory):
+    """A saved random-weight cvig_nano checkpoint (seeded; BatchNorm set on the sample photographs), as the
+    export tests feed it to `cvig export --checkpoint`. Seeded because whether a k-means/k-NN decision of a
+    random draw sits within float rounding of a tie (and flips between PyTorch and ORT) depends on the draw."""
+    from clustervig import save_checkpoint
+    from clustervig.preprocess import sample_photographs, transform_spec
+
+    torch.manual_seed(0)
+    model = clustervig.create_model("cvig_nano")
+    calibrate_batchnorm(model, [sample_photographs(transform_spec(model.cfg))])
+    return save_checkpoint(model, tmp_path_factory.mktemp("ck") / "nano.pth")
 
 
 @pytest.fixture(scope="session")
