@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -43,6 +43,47 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def image_batches(session: Session, files: Sequence[Path], batch: int,
+                  on_error: Optional[Callable[[Path, ImageError], None]] = None,
+                  progress: Optional[Callable[[int], None]] = None) -> Iterator[Tuple[List[Path], np.ndarray]]:
+    """``(paths, inputs)`` per batch of up to ``batch`` readable files, each preprocessed as the session's model
+    records (RGB in [0, 1] for a graph that normalises itself); an unreadable file goes to ``on_error`` (or
+    raises its :class:`~clustervig.preprocess.ImageError` when that is ``None``); ``progress`` gets the number
+    of files handled after each batch."""
+    spec = session.preprocess
+    pending: List[Path] = []
+    images: List[np.ndarray] = []
+    handled = 0
+
+    def inputs() -> np.ndarray:
+        x = np.stack(images)
+        if spec.get("normalize_in_graph"):  # the graph normalises: feed RGB in [0, 1]
+            mean = np.asarray(spec["mean"], np.float32).reshape(1, 3, 1, 1)
+            std = np.asarray(spec["std"], np.float32).reshape(1, 3, 1, 1)
+            x = x * std + mean
+        return x
+
+    for f in files:
+        try:
+            images.append(preprocess_pil(load_image(f), spec).numpy())
+            pending.append(f)  # as given: results name the files the way the caller did
+        except ImageError as exc:
+            if on_error is None:
+                raise
+            on_error(Path(f), exc)
+        handled += 1
+        if len(images) == batch:
+            yield list(pending), inputs()
+            pending.clear()
+            images.clear()
+            if progress is not None:
+                progress(handled)
+    if images:
+        yield list(pending), inputs()
+    if progress is not None:
+        progress(handled)
+
+
 def classify_files(session: Session, files: Sequence[Path], batch: int = 8, topk: int = 5,
                    names: Optional[List[str]] = None,
                    on_error: Optional[Callable[[Path, ImageError], None]] = None,
@@ -70,22 +111,12 @@ def classify_files(session: Session, files: Sequence[Path], batch: int = 8, topk
         with open_session("out/model_fp32.onnx") as s:
             best = classify_files(s, ["photo.jpg"], topk=1)[0]["top"][0]   # {"class": 281, "name": "tabby", ...}
     """
-    spec = session.preprocess
     names = names or class_names(session)
     results: List[Dict] = []
-    pending: List[Path] = []
-    images: List[np.ndarray] = []
-    handled = 0
-
-    def flush() -> None:
-        x = np.stack(images)
-        if spec.get("normalize_in_graph"):  # the graph normalises: feed RGB in [0, 1]
-            mean = np.asarray(spec["mean"], np.float32).reshape(1, 3, 1, 1)
-            std = np.asarray(spec["std"], np.float32).reshape(1, 3, 1, 1)
-            x = x * std + mean
+    for paths, x in image_batches(session, files, batch, on_error, progress):
         logits = session.infer(x)
         probs = softmax(logits.astype(np.float64))
-        for f, lg, pr in zip(pending, logits, probs):
+        for f, lg, pr in zip(paths, logits, probs):
             order = np.argsort(-lg, kind="stable")[:topk]
             results.append({
                 "file": str(f),
@@ -93,24 +124,4 @@ def classify_files(session: Session, files: Sequence[Path], batch: int = 8, topk
                          "probability": float(pr[c]), "logit": float(lg[c])} for c in order],
                 "logits": lg.tolist(),
             })
-        pending.clear()
-        images.clear()
-
-    for f in files:
-        try:
-            images.append(preprocess_pil(load_image(f), spec).numpy())
-            pending.append(f)
-        except ImageError as exc:
-            if on_error is None:
-                raise
-            on_error(Path(f), exc)
-        handled += 1
-        if len(images) == batch:
-            flush()
-            if progress is not None:
-                progress(handled)
-    if images:
-        flush()
-    if progress is not None:
-        progress(handled)
     return results

@@ -7,8 +7,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from clustervig.preprocess import ImageError, load_image, preprocess_pil
+from clustervig.preprocess import ImageError
 
+from .classify import image_batches
 from .session import RuntimeErrorWithFix, Session
 
 
@@ -35,41 +36,11 @@ def extract_features(session: Session, files: Sequence[Path], batch: int = 8,
     if not session.is_backbone:
         raise RuntimeErrorWithFix(f"{session.path} is a classifier (its output is logits), not a --features export: "
                                   "classify with classify_files / cvig run")
-    spec = session.preprocess
     results: List[Dict] = []
-    pending: List[Path] = []
-    images: List[np.ndarray] = []
-    handled = 0
-
-    def flush() -> None:
-        x = np.stack(images)
-        if spec.get("normalize_in_graph"):  # the graph normalises: feed RGB in [0, 1]
-            mean = np.asarray(spec["mean"], np.float32).reshape(1, 3, 1, 1)
-            std = np.asarray(spec["std"], np.float32).reshape(1, 3, 1, 1)
-            x = x * std + mean
+    for paths, x in image_batches(session, files, batch, on_error, progress):
         maps = session.infer(x)
-        for i, f in enumerate(pending):
+        for i, f in enumerate(paths):
             results.append({"file": str(f), "maps": {name: m[i] for name, m in maps.items()}})
-        pending.clear()
-        images.clear()
-
-    for f in files:
-        try:
-            images.append(preprocess_pil(load_image(f), spec).numpy())
-            pending.append(Path(f))
-        except ImageError as exc:
-            if on_error is None:
-                raise
-            on_error(Path(f), exc)
-        handled += 1
-        if len(images) == batch:
-            flush()
-            if progress is not None:
-                progress(handled)
-    if images:
-        flush()
-    if progress is not None:
-        progress(handled)
     return results
 
 

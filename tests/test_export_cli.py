@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -14,23 +13,10 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 import clustervig
-from clustervig import save_checkpoint
 from clustervig.export.cli import main as export_main
 from clustervig.export.compare import main as compare_main
 from clustervig.preprocess import sample_photographs, transform_spec
 from clustervig.train import WEIGHTS_DIR
-from clustervig.utils import calibrate_batchnorm
-
-
-@pytest.fixture(scope="module")
-def nano_ckpt(tmp_path_factory):
-    # seeded: whether a k-means/k-NN decision of a random draw sits within float
-    # rounding of a tie (and flips between PyTorch and ORT) depends on the draw,
-    # and the global RNG state here depends on which tests ran before
-    torch.manual_seed(0)
-    model = clustervig.create_model("cvig_nano")
-    calibrate_batchnorm(model, [sample_photographs(transform_spec(model.cfg))])
-    return save_checkpoint(model, tmp_path_factory.mktemp("ck") / "nano.pth")
 
 
 @pytest.fixture(scope="module")
