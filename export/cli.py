@@ -995,10 +995,19 @@ def resolve_capacity(model, capacity, inputs: Dict[str, torch.Tensor], calib_fil
                                 for k, v in per_set.items())
                     + f"; the largest partition measured is {need} (N = {n}): --capacity {need} or auto avoids it "
                     "on these images", fg="yellow", err=True)
+    kappa = model.cfg.clusters
+    work = {"padded": kappa * chosen * chosen, "masked": n * n}  # similarities per block and image
+    if work["padded"] >= work["masked"]:
+        click.secho(f"WARNING: --capacity {capacity}: P = {chosen} pads each of the {kappa} partitions to more than "
+                    f"N/sqrt(kappa) = {n / math.sqrt(kappa):.0f} tokens, so the padded layout computes kappa*P^2 = "
+                    f"{work['padded']:,} similarities per block and image, the masked one N^2 = {work['masked']:,}: "
+                    f"the partitions are unbalanced (the largest measured holds {need} of {n} tokens) and --knn "
+                    "masked is the cheaper exact graph here", fg="yellow", err=True)
     entry = {"mode": "auto" if capacity == "auto" else "fixed", "capacity": chosen, "tokens": n}
     if capacity == "auto":
         entry["margin"] = CAPACITY_AUTO_MARGIN
-    entry.update({"largest_partition": need, "sets": per_set})
+    entry.update({"largest_partition": need, "similarities_per_block": work,
+                  "padded_cheaper_than_masked": work["padded"] < work["masked"], "sets": per_set})
     return entry
 
 

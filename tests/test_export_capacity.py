@@ -9,19 +9,9 @@ import torch
 from click.testing import CliRunner
 
 import clustervig
-from clustervig import save_checkpoint
 from clustervig.checkpoint import model_from_checkpoint
 from clustervig.export.cli import main as export_main
 from clustervig.preprocess import sample_photographs, transform_spec
-from clustervig.utils import calibrate_batchnorm
-
-
-@pytest.fixture(scope="module")
-def nano_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    model = clustervig.create_model("cvig_nano")
-    calibrate_batchnorm(model, [sample_photographs(transform_spec(model.cfg))])
-    return save_checkpoint(model, tmp_path_factory.mktemp("ck") / "nano.pth")
 
 
 def recount_overflow(ckpt, capacity: int, images: torch.Tensor):
@@ -95,3 +85,22 @@ def test_a_capacity_that_overflows_too_much_fails_before_any_work(tmp_path, nano
     gates = json.loads((out / "report.json").read_text())["gates"]
     assert [r for r in gates["failed"] if r.startswith("capacity.overflow")] and "capacity overflow<=5%" in res.output
     assert "WARNING: gate failed (--no-gates: published anyway): capacity.overflow" in res.output
+
+
+@pytest.mark.parametrize("capacity,cheaper", [(97, True), (98, False), (150, False)])
+def test_a_capacity_above_n_over_sqrt_kappa_is_named_as_costlier_than_masked(nano_ckpt, capsys, capacity, cheaper):
+    # cvig_nano: N = 196, kappa = 4: kappa P^2 < N^2 exactly when P < N / sqrt(kappa) = 98 (P = 98: both 38416)
+    from clustervig.checkpoint import model_from_checkpoint
+    from clustervig.export.cli import resolve_capacity
+
+    model = model_from_checkpoint(nano_ckpt, knn="padded").eval()
+    x = sample_photographs(transform_spec(model.cfg))[:1]
+    entry = resolve_capacity(model, capacity, {"photos": x}, None)
+    work = entry["similarities_per_block"]
+    assert work == {"padded": 4 * capacity ** 2, "masked": 196 ** 2}
+    assert entry["padded_cheaper_than_masked"] is (4 * capacity ** 2 < 196 ** 2) is cheaper
+    warned = [line for line in capsys.readouterr().err.splitlines() if "kappa*P^2" in line]
+    if cheaper:
+        assert not warned
+    else:
+        assert len(warned) == 1 and f"{4 * capacity ** 2:,} similarities" in warned[0] and "--knn masked" in warned[0]
