@@ -1,6 +1,7 @@
 """cvig-export: checkpoint -> validated FP32/FP16 ONNX (and a TensorRT engine where TensorRT is installed)."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib.metadata
 import json
@@ -526,11 +527,8 @@ def _export(model_name, checkpoint, num_classes, seed, gcn, bspec, fp16, fp16_io
                     "photographs so the numbers are meaningful). Do not deploy this model.", fg="yellow", err=True)
         # all sample photographs, whatever the batch: statistics of a single image
         # zero the head's BatchNorm (one pooled vector has no variance) and the logits with it
-        knn_before = model.cfg.knn
-        if model.cfg.knn_mode == "padded" and (model.cfg.capacity or model.cfg.tokens) >= model.cfg.tokens:
-            model.set_form("static", knn="masked")  # exact capacity: the masked layout's result, N^2 not kappa N^2
-        calibrate_batchnorm(model, [sample_photographs(transform_spec(model.cfg))])
-        model.set_form("static", knn=knn_before)
+        with masked_when_exact(model):
+            calibrate_batchnorm(model, [sample_photographs(transform_spec(model.cfg))])
     if model.load_notes.get("untrained"):
         click.secho(f"note: {', '.join(model.load_notes['untrained'])} (the feature pyramid's transposed convolution) "
                     "are not in the checkpoint: they keep their initialisation, untrained until a detector trains "
@@ -905,6 +903,22 @@ def _partition_batches(images: torch.Tensor, batch: int = 8):
     return [images[i:i + batch] for i in range(0, len(images), batch)]
 
 
+@contextlib.contextmanager
+def masked_when_exact(model):
+    """Run ``model`` with the masked k-NN layout while its padded layout has capacity P >= N: both are exact
+    (the same labels and neighbours, docs/design.md section 3), and masked computes N^2 similarities, not
+    kappa N^2 (N = 4200 at 800 x 1344). The model's layout is restored afterwards."""
+    knn_before = model.cfg.knn
+    exact_padded = model.cfg.knn_mode == "padded" and (model.cfg.capacity or model.cfg.tokens) >= model.cfg.tokens
+    if exact_padded:
+        model.set_form("static", knn="masked")
+    try:
+        yield model
+    finally:
+        if exact_padded:
+            model.set_form("static", knn=knn_before)
+
+
 def measure_partitions(model, images: torch.Tensor, capacity: Optional[int] = None) -> Dict:
     """Largest partition (tokens sharing a k-means label in one image, any block) and the overflow tokens
     (all images; in all, and per block) of ``model`` on ``images`` with the padded layout at ``capacity``
@@ -913,7 +927,7 @@ def measure_partitions(model, images: torch.Tensor, capacity: Optional[int] = No
     n = model.cfg.tokens
     exact = capacity is None or capacity >= n
     knn_before = model.cfg.knn
-    model.set_form("static", knn="masked" if exact else "padded", capacity=capacity or n)
+    model.set_form("static", knn="padded", capacity=capacity or n)
     largest = [0]
 
     def hook(mod, args, out):
@@ -925,7 +939,7 @@ def measure_partitions(model, images: torch.Tensor, capacity: Optional[int] = No
     hooks = [d.kmeans.register_forward_hook(hook) for d in degcs]
     per_block = [0] * len(degcs)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), masked_when_exact(model):
             for x in _partition_batches(images):
                 model(x)
                 for i, d in enumerate(degcs):
@@ -933,7 +947,7 @@ def measure_partitions(model, images: torch.Tensor, capacity: Optional[int] = No
     finally:
         for h in hooks:
             h.remove()
-        model.set_form("static", knn=knn_before, capacity=capacity or n)
+        model.set_form("static", knn=knn_before)
     return {"largest_partition": largest[0], "overflow_tokens": sum(per_block), "overflow_per_block": per_block}
 
 
