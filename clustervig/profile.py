@@ -26,7 +26,6 @@ Command line::
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -84,24 +83,6 @@ def _component(name: str) -> str:
     if name.startswith("blocks"):
         return "ffn" if ".ffn." in name else "grapher_conv"
     return "head"
-
-
-@contextlib.contextmanager
-def _shapes_only_topk(device: str):
-    """On the meta device there are no values: the k-NN's top-k, which in eager mode orders equal values by index
-    (data-dependent checks a meta tensor cannot answer: graph.topk_desc), is plain ``torch.topk`` there (the same
-    shapes, so the same MACs). Elsewhere nothing changes."""
-    from . import graph
-
-    if torch.device(device).type != "meta":
-        yield
-        return
-    saved = graph.topk_desc
-    graph.topk_desc = lambda values, k: torch.topk(values, k, dim=-1, largest=True, sorted=True)
-    try:
-        yield
-    finally:
-        graph.topk_desc = saved
 
 
 def profile_model(model: ClusterViG, batch: int = 1, device: str = "meta") -> Profile:
@@ -163,7 +144,7 @@ def profile_model(model: ClusterViG, batch: int = 1, device: str = "meta") -> Pr
     try:
         model_dev = model.to(device)
         x = torch.randn(batch, 3, *cfg.img_hw, device=device)
-        with torch.no_grad(), _shapes_only_topk(device):
+        with torch.no_grad():
             model_dev(x)
     finally:
         for h in handles:
