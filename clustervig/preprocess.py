@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .model import as_hw
+
 _INTERP = {"bilinear": 2, "bicubic": 3, "nearest": 0}  # PIL.Image resampling codes
 
 
@@ -177,10 +179,7 @@ def transform_spec(cfg) -> Dict:
 
 def spec_hw(spec: Dict) -> "tuple[int, int]":
     """(H, W) of a recorded preprocessing: ``img_size`` is one int (square) or [H, W]."""
-    size = spec["img_size"]
-    if isinstance(size, (list, tuple)):
-        return int(size[0]), int(size[1])
-    return int(size), int(size)
+    return as_hw(spec["img_size"])
 
 
 def preprocess_pil(img, spec: Dict) -> Tensor:

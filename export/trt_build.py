@@ -8,8 +8,9 @@ it :class:`TensorRTUnavailable` explains how to build elsewhere.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional
 
+from clustervig.model import as_hw
 from clustervig.utils import write_bytes_atomic
 
 
@@ -52,20 +53,13 @@ def load_plugin_library(trt, path: Path) -> None:
                                       "(libcudart) is not on the library path")
 
 
-def _hw(img_size) -> Tuple[int, int]:
-    """(H, W) of an image size given as one int (square) or (H, W)."""
-    if isinstance(img_size, (tuple, list)):
-        return int(img_size[0]), int(img_size[1])
-    return int(img_size), int(img_size)
-
-
 def build_command_hint(onnx_path: Path, engine_path: Path, batch, img_size, tf32: bool = False,
                        plugin_library: Optional[str] = None) -> str:
     """The trtexec command that builds the engine cvig-export would build (strongly typed, TF32 off);
     ``img_size`` is S (square) or (H, W)."""
     shapes = ""
     if batch.dynamic:
-        h, w = _hw(img_size)
+        h, w = as_hw(img_size)
         hw = f"3x{h}x{w}"
         shapes = (f" --minShapes=images:{batch.min}x{hw} --optShapes=images:{batch.opt}x{hw}"
                   f" --maxShapes=images:{batch.max}x{hw}")
@@ -110,7 +104,7 @@ def build_engine(onnx_path: Path, engine_path: Path, batch=None, img_size=None,
             raise RuntimeError(f"{onnx_path} has dynamic inputs {dynamic}: an engine is built for a dynamic "
                                "batch of 'images' only, given its batch range and image size")
         profile = builder.create_optimization_profile()
-        h, w = _hw(img_size)
+        h, w = as_hw(img_size)
         shape = lambda b: (b, 3, h, w)  # noqa: E731
         profile.set_shape("images", shape(batch.min), shape(batch.opt), shape(batch.max))
         config.add_optimization_profile(profile)
