@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 from . import common
-from .common import machine, ms, parser, publish, summary
+from .common import machine, ms, parser, publish, status_kib, summary
 
 VIG = {"clusters": 1, "global_update": False}  # bench.models' baseline
 MODELS = ("cvig-padded-auto", "cvig-padded-balanced", "cvig-masked", "vig")
@@ -68,12 +68,6 @@ _HWM_WRAPPER = ("import atexit, runpy, sys\n"
                 "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
 
 
-def vm_kib(field: str) -> int:
-    """A ``/proc/self/status`` memory field (VmRSS, VmHWM) of this process, in KiB."""
-    with open("/proc/self/status") as fh:
-        return int(next(line.split()[1] for line in fh if line.startswith(field + ":")))
-
-
 def run_child(module_args: Sequence[str], log: Path) -> Tuple[int, float, int]:
     """Run ``python -m <module_args>`` (output to ``log``); returns (exit code, wall seconds, the child's own
     peak resident memory in bytes, 0 when it did not exit normally)."""
@@ -100,7 +94,7 @@ def latency_child(path: str, repeats: int) -> None:
         spec = s.preprocess
         x = sample_photographs(spec)[:1].numpy()
         assert x.shape[2:] == spec_hw(spec)
-        load_rss = vm_kib("VmRSS") * 1024
+        load_rss = status_kib("VmRSS") * 1024
         s.infer(x)
         times = []
         for _ in range(repeats):
@@ -136,7 +130,7 @@ def export_graphs(model: str, size: Tuple[int, int], samples: int, work: Path) -
     print(f"[backbone] {h}x{w}: exported in {wall:.0f}s (peak RSS {rss / 2**30:.2f} GiB), "
           f"P = {report['capacity']['capacity']} of N = {report['capacity']['tokens']}", flush=True)
     paths = {"cvig-padded-auto": out / "model_fp32.onnx"}
-    extra = {}
+    extra, balanced_row = {}, {}
     n, kappa = report["capacity"]["tokens"], clustervig.get_config(model).clusters
     balanced = min(n, math.ceil(BALANCED_MARGIN * n / kappa))
     for label, overrides in (("cvig-padded-balanced", {"knn": "padded", "capacity": balanced}),
@@ -149,9 +143,10 @@ def export_graphs(model: str, size: Tuple[int, int], samples: int, work: Path) -
             from clustervig.export.cli import measure_partitions
 
             got = measure_partitions(m.eval(), photos[:samples], balanced)
-            extra["balanced"] = {"capacity": balanced, "clusters": kappa, "images": samples, "overflow_tokens": got["overflow_tokens"],
-                                 "overflow_fraction": got["overflow_tokens"] / (samples * n * len(got["overflow_per_block"])),
-                                 "largest_partition": got["largest_partition"]}
+            balanced_row = {"capacity": balanced, "clusters": kappa, "images": samples,
+                            "overflow_tokens": got["overflow_tokens"],
+                            "overflow_fraction": got["overflow_tokens"] / (samples * n * len(got["overflow_per_block"])),
+                            "largest_partition": got["largest_partition"]}
         path = work / f"{label}-{h}x{w}.onnx"
         t0 = time.perf_counter()
         export_onnx(m, path, BatchSpec(1, 1, 1))
@@ -165,7 +160,7 @@ def export_graphs(model: str, size: Tuple[int, int], samples: int, work: Path) -
            for name, path in (("padded", paths["cvig-padded-auto"]), ("masked", paths["cvig-masked"]),
                               ("plugins", out / "model_plugins.onnx"))}
     return {"report": report, "wall_s": wall, "peak_rss": rss, "paths": {k: str(v) for k, v in paths.items()},
-            "api_exports": extra, "tensorrt": trt, "command": "cvig export " + " ".join(cmd[1:-2]) + " -o OUT"}
+            "api_exports": extra, "balanced": balanced_row, "tensorrt": trt, "command": "cvig export " + " ".join(cmd[1:-2]) + " -o OUT"}
 
 
 def tensorrt_needs(summary: Dict) -> Dict:
@@ -233,7 +228,7 @@ def run(model: str, sizes: Sequence[Tuple[int, int]], repeats: int, samples: int
                            "nodes": {k: v.get("nodes") for k, v in report["artifacts"].items()},
                            "bytes": {k: v.get("bytes") for k, v in report["artifacts"].items()},
                            "api_exports": ex["api_exports"]},
-                "balanced": ex["api_exports"]["balanced"],
+                "balanced": ex["balanced"],
                 "capacity": {k: cap[k] for k in ("capacity", "tokens", "largest_partition", "margin")}
                 | {"sets": {s: {k: v[k] for k in ("images", "overflow_at_capacity", "overflow_fraction",
                                                    "overflow_below_largest_partition") if k in v}

@@ -90,6 +90,20 @@ def machine() -> Dict:
     return info
 
 
+def status_kib(field: str) -> Optional[int]:
+    """A memory field of ``/proc/self/status`` (VmRSS, VmHWM: this process's own address space) in KiB, or None
+    where there is no such file. ru_maxrss is no substitute: Linux carries the parent's high-water mark into a
+    forked-and-exec'd child."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> Dict[str, List[float]]:
     """Run every function ``repeats`` times, interleaved (A B A B ...), so that
     machine noise hits all of them alike. Returns seconds per call per name."""

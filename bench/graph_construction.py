@@ -35,7 +35,7 @@ from torch import nn
 
 from clustervig.graph import kmeans, knn_masked, knn_padded, l2_normalize
 
-from .common import ROOT, ints, machine, ms, parser, publish, summary, time_interleaved
+from .common import ROOT, ints, machine, ms, parser, publish, status_kib, summary, time_interleaved
 
 C, K, T, B = 192, 9, 20, 8
 
@@ -99,20 +99,10 @@ def _child_peak(n: int, clusters: int, mode: str, capacity: int, onnx_path: Opti
     return {"rss_before_kib": before, "rss_peak_kib": _peak_rss_kib()}
 
 
-def _status_kib(field: str) -> Optional[int]:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def _peak_rss_kib() -> int:
     # VmHWM belongs to this process's address space; ru_maxrss is not usable here because Linux carries
     # the parent's high-water mark into a forked-and-exec'd child.
-    hwm = _status_kib("VmHWM")
+    hwm = status_kib("VmHWM")
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
@@ -121,7 +111,7 @@ def _reset_peak_rss() -> int:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return _status_kib("VmRSS") or _peak_rss_kib()
+        return status_kib("VmRSS") or _peak_rss_kib()
     except OSError:
         return _peak_rss_kib()
 

@@ -178,10 +178,11 @@ def ort_session_options(threads: int = 0):
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    cap = thread_cap()
     if threads:
         opts.intra_op_num_threads = threads
-    elif thread_cap():
-        opts.intra_op_num_threads = thread_cap()
+    elif cap:
+        opts.intra_op_num_threads = cap
         opts.inter_op_num_threads = 1
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts

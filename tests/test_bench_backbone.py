@@ -67,4 +67,4 @@ def test_a_childs_peak_memory_is_its_own(tmp_path):
     rc, wall, peak = backbone.run_child(["platform"], tmp_path / "child.log")
     assert rc == 0 and wall > 0 and (tmp_path / "child.log").read_text().strip()
     assert 0 < peak < 200 * 2**20, peak  # python -m platform: tens of MiB
-    assert backbone.vm_kib("VmHWM") * 1024 >= len(ballast)
+    assert common.status_kib("VmHWM") * 1024 >= len(ballast)
